@@ -1,0 +1,5 @@
+"""Run the command line with ``python -m proxy``."""
+
+from proxy.cli import main
+
+raise SystemExit(main())
