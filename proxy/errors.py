@@ -6,7 +6,7 @@ The tree::
     ├── ConfigError                the configuration file is wrong   (CLI exit 2)
     ├── CredentialError            key, certificate or keystore wrong (CLI exit 2)
     ├── TokenUnavailable           no usable token for a scope set    (503)
-    │                              reason: unreachable | timeout | tls | rejected | invalid_response
+    │                   unreachable | timeout | tls | unavailable | rejected | invalid_response
     ├── UpstreamError              the KSZ REST endpoint failed       (502)
     │   │                          reason: dns | connect | tls | reset | protocol
     │   └── UpstreamTimeout        ... or did not answer in time      (504)
@@ -20,6 +20,7 @@ because messages end up in logs and in problem+json answers.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 BELGIF = "urn:problem-type:belgif:"
@@ -64,8 +65,9 @@ class CredentialError(ProxyError):
 class TokenUnavailable(ProxyError):
     """No usable access token: the token endpoint failed and no cached token is still valid.
 
-    ``reason`` is one of ``unreachable``, ``timeout``, ``tls``, ``rejected`` (then ``oauth_error``
-    carries the RFC 6749 error code, for example ``invalid_client``) or ``invalid_response``.
+    ``reason`` is one of ``unreachable``, ``timeout``, ``tls``, ``unavailable`` (the endpoint
+    answered 429 or 5xx), ``rejected`` (then ``oauth_error`` carries the RFC 6749 error code, for
+    example ``invalid_client``) or ``invalid_response``.
     """
 
     status = 503
@@ -73,7 +75,7 @@ class TokenUnavailable(ProxyError):
     title = "Service Unavailable"
 
     REASONS: ClassVar[frozenset[str]] = frozenset(
-        {"unreachable", "timeout", "tls", "rejected", "invalid_response"}
+        {"unreachable", "timeout", "tls", "unavailable", "rejected", "invalid_response"}
     )
 
     def __init__(
@@ -89,10 +91,16 @@ class TokenUnavailable(ProxyError):
         super().__init__(detail, reason=reason)
         self.oauth_error = oauth_error
         self._retry_after_s = retry_after_s
+        # The server's own Retry-After, when it sent one; the provider's backoff honours it.
+        self.hint_s: float | None = None
 
     @property
     def retry_after_s(self) -> int:
-        return max(1, round(self._retry_after_s))
+        return max(1, math.ceil(self._retry_after_s))
+
+    def set_retry_after(self, seconds: float) -> None:
+        """Set the retry-after hint callers will see (the provider's next attempt)."""
+        self._retry_after_s = seconds
 
     @property
     def problem_reason(self) -> str:
