@@ -282,7 +282,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str]) -> Con
         raise ConfigError(f"config: {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML ({exc})") from None
-    return parse_config(data, environ, base_dir=path.parent, source=path)
+    return parse_config(data, environ, base_dir=path.absolute().parent, source=path)
 
 
 def parse_config(
@@ -311,7 +311,7 @@ def parse_config(
             "oauth.token_url: required when no environment is set "
             "(or set environment = test | acpt | prod)"
         )
-    if listen.host == admin.host and listen.port == admin.port and listen.port != 0:
+    if listen.port == admin.port != 0 and _same_socket(listen.host, admin.host):
         raise ConfigError("admin.port: must differ from listen.port on the same host")
     return Config(
         environment=environment,
@@ -452,9 +452,14 @@ def _listen(t: _Table) -> ListenConfig:
     port = t.integer("port", 8080, low=0, high=65535)
     allowed = t.string_list("allowed_hosts")
     if allowed is not None:
+        if not allowed:
+            raise ConfigError("listen.allowed_hosts: must name at least one host")
         for i, name in enumerate(allowed):
             if not name or any(c in name for c in "/ \t@?#") or name != name.strip():
                 raise ConfigError(f"listen.allowed_hosts[{i}]: must be a host name or address")
+            # The Host header's port is checked against listen.port, so a port here never matches.
+            if ":" in name and not _is_ip(name.strip("[]")):
+                raise ConfigError(f"listen.allowed_hosts[{i}]: must be a host name without a port")
     max_body = t.integer("max_body_bytes", 64 * 1024 * 1024, low=0, high=1 << 40)
     body_timeout = t.number("body_read_timeout_s", 30.0, low=0.1, high=3600)
     keepalive = t.number("keepalive_timeout_s", 15.0, low=0.1, high=3600)
@@ -522,12 +527,33 @@ def _routes(
 def _check_prefix(prefix: str, key: str) -> None:
     if not prefix.startswith("/") or prefix == "/":
         raise ConfigError(f'{key}: must start with "/" and name at least one segment')
-    segments = prefix.strip("/").split("/")
+    # Only the leading slash and one trailing slash go: "//x" and "/a//" keep an empty segment.
+    segments = prefix[1:].removesuffix("/").split("/")
     for segment in segments:
         if segment in ("", ".", "..") or not _PREFIX_SEGMENT.fullmatch(segment):
             raise ConfigError(
                 f"{key}: must be plain path segments (no //, dot segments, %, spaces or ?#)"
             )
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Return True when two listeners on these hosts and one port would collide."""
+    if a == b or _is_unspecified(a) or _is_unspecified(b):
+        return True
+    # localhost binds the loopback addresses, so it collides with either of them.
+    return "localhost" in (a, b) and _is_loopback(a) and _is_loopback(b)
+
+
+def _is_unspecified(host: str) -> bool:
+    return _is_ip(host) and ipaddress.ip_address(host).is_unspecified
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -651,6 +677,8 @@ class _Table:
             return None
         if not value:
             raise ConfigError(f"{self.key(name)}: must not be empty")
+        if "\x00" in value:
+            raise ConfigError(f"{self.key(name)}: must not contain a NUL character")
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 
@@ -670,6 +698,9 @@ class _Table:
         value = self.string(name, None)
         if value is None:
             return None
+        # urlsplit drops tabs and newlines silently; the raw value must not carry them on.
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ConfigError(f"{self.key(name)}: must be an https URL (no spaces or controls)")
         parts = urlsplit(value)
         if parts.scheme != "https" or not parts.hostname:
             raise ConfigError(f"{self.key(name)}: must be an https URL")
