@@ -1,0 +1,143 @@
+"""Own the inbound policy: which requests the proxy listener accepts, as pure functions.
+
+Anyone who can reach the listener acts with the partner's legal authority at KSZ, so a request is
+checked before anything else happens (no token fetched, nothing sent upstream):
+
+- method: the usual REST methods only; CONNECT, TRACE and unknown methods get 405;
+- target: origin-form only (``/path?query``); absolute-form (``http://evil/x``) and ``*`` get 400;
+- path: no dot segments (also ``..;`` and percent-encoded dots), no encoded slash or backslash,
+  no backslash, no ``%00`` or control characters, no ``//``, and none of these either once the
+  path is decoded again (``%252e``, ``..%3b``) the way lenient servers do: 400;
+- ``Host``: must be in ``listen.allowed_hosts`` with the listener's port (DNS rebinding): 421;
+- browsers: any ``Origin`` header or a ``Sec-Fetch-Site`` other than ``none``: 403;
+- ``Upgrade`` (websocket, h2c): 400;
+- optional shared secret in ``X-KSZ-Proxy-Key``, compared in constant time: 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Iterable, Mapping
+from typing import Final
+from urllib.parse import unquote
+
+from multidict import MultiMapping
+
+from proxy.config import ListenConfig, Route
+from proxy.errors import RequestRejected
+
+ALLOWED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+ALLOW_HEADER: Final = ", ".join(sorted(ALLOWED_METHODS))
+PROXY_KEY_HEADER: Final = "X-KSZ-Proxy-Key"
+
+# Percent-encodings that change path structure once decoded: dot, slash, backslash, NUL.
+_ENCODED_STRUCTURE: Final = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
+_BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
+# A path still changing after this many decodings is refused rather than decoded further.
+_MAX_DECODINGS: Final = 3
+
+
+def check_method(method: str) -> None:
+    """Refuse methods a REST client never needs (CONNECT, TRACE, unknown)."""
+    if method not in ALLOWED_METHODS:
+        raise RequestRejected(405, "method_not_allowed", "This method is not forwarded.")
+
+
+def split_target(raw_target: str) -> tuple[str, str]:
+    """Split an origin-form request target into (raw path, raw query with its '?', or '')."""
+    if not raw_target.startswith("/"):
+        # absolute-form (http://host/x), authority-form or asterisk-form (OPTIONS *)
+        raise RequestRejected(400, "bad_target", "Only origin-form request targets are accepted.")
+    path, sep, query = raw_target.partition("?")
+    return path, sep + query
+
+
+def check_path(raw_path: str) -> None:
+    """Refuse a raw path that could mean something else once decoded or normalised."""
+    if "#" in raw_path or _CONTROL.search(raw_path) or _BAD_PERCENT.search(raw_path):
+        raise RequestRejected(400, "bad_path", "The request path is not acceptable.")
+    # Some servers decode twice (``%252e`` is ``.`` to them) or decode before they strip
+    # ``;params`` (``..%3b`` is ``..``): check the structure of every decoding, byte by byte.
+    path = raw_path
+    for _ in range(_MAX_DECODINGS + 1):
+        if _ambiguous_structure(path):
+            raise RequestRejected(400, "bad_path", "The request path is not acceptable.")
+        decoded = unquote(path, encoding="latin-1")
+        if decoded == path:
+            return
+        path = decoded
+    raise RequestRejected(400, "bad_path", "The request path is not acceptable.")
+
+
+def _ambiguous_structure(path: str) -> bool:
+    if "\\" in path or "//" in path or _ENCODED_STRUCTURE.search(path):
+        return True
+    # "..;x" is ".." to servlet containers that strip path parameters.
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))
+
+
+def find_route(routes: Iterable[Route], raw_path: str) -> Route:
+    """Return the route whose prefix holds ``raw_path`` (routes come longest prefix first)."""
+    for route in routes:
+        if route.matches(raw_path):
+            return route
+    raise RequestRejected(404, "no_route", "No route is configured for this path.")
+
+
+def check_host(host: str | None, listen: ListenConfig, port: int) -> None:
+    """Refuse a ``Host`` that is not ours: a DNS-rebinding page names its own host."""
+    if not host:
+        raise RequestRejected(400, "missing_host", "A Host header is required.")
+    name, host_port = parse_host(host)
+    if name is None or name not in listen.allowed_hosts:
+        raise RequestRejected(421, "host_not_allowed", "This Host is not served here.")
+    if host_port is not None and host_port != port:
+        raise RequestRejected(421, "host_not_allowed", "This Host is not served here.")
+
+
+def parse_host(host: str) -> tuple[str | None, int | None]:
+    """Split a Host header into (lower-case name without brackets, port or None)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return None, None
+        name, rest = host[1:end], host[end + 1 :]
+        if rest and not rest.startswith(":"):
+            return None, None
+        port_text = rest[1:] if rest else None
+    else:
+        name, sep, port_text_raw = host.partition(":")
+        port_text = port_text_raw if sep else None
+    if port_text is None:
+        return name, None
+    # str.isdigit also accepts "²" and full-width digits, which int() rejects or misreads.
+    if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        return None, None
+    return name, int(port_text)
+
+
+def check_browser(headers: MultiMapping[str]) -> None:
+    """Refuse requests a browser sends on a web page's behalf; never answer with CORS headers."""
+    if "Origin" in headers or any(
+        site.strip().lower() != "none" for site in headers.getall("Sec-Fetch-Site", ())
+    ):
+        raise RequestRejected(403, "browser_request", "Browser requests are not forwarded.")
+
+
+def check_upgrade(headers: Mapping[str, str]) -> None:
+    """Refuse protocol upgrades (websocket, h2c): the proxy forwards plain HTTP/1.1 only."""
+    if "Upgrade" in headers or "HTTP2-Settings" in headers:
+        raise RequestRejected(400, "upgrade_refused", "Protocol upgrades are not supported.")
+
+
+def check_proxy_key(headers: MultiMapping[str], expected: bytes | None) -> None:
+    """Require the shared secret when one is configured, compared in constant time."""
+    if expected is None:
+        return
+    values = headers.getall(PROXY_KEY_HEADER, ())
+    given = values[0].encode("utf-8", "surrogateescape") if len(values) == 1 else b""
+    if not hmac.compare_digest(given, expected):
+        raise RequestRejected(403, "proxy_key", "A valid X-KSZ-Proxy-Key header is required.")

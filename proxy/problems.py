@@ -1,0 +1,64 @@
+"""Own the problem+json answers the proxy makes itself (RFC 9457, Belgif shape).
+
+Every field is a fixed text chosen by the error class or a reason code; nothing from an exception
+message of a lower library, an upstream body or a token-endpoint body ever lands here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from aiohttp import web
+
+from proxy.errors import ProxyError, RequestRejected, TokenUnavailable, UpstreamError
+
+PROBLEM_JSON: Final = "application/problem+json"
+
+
+def problem_reason(error: ProxyError) -> str:
+    """Return the stable reason code an error carries in answers, logs and metrics."""
+    if isinstance(error, TokenUnavailable | UpstreamError | RequestRejected):
+        return error.problem_reason
+    return error.reason
+
+
+def problem_body(error: ProxyError, *, instance: str) -> dict[str, object]:
+    """Return the problem document for ``error`` about the request path ``instance``."""
+    body: dict[str, object] = {
+        "type": error.problem_type,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "instance": instance,
+        "reason": problem_reason(error),
+    }
+    if isinstance(error, TokenUnavailable) and error.oauth_error:
+        body["oauthError"] = error.oauth_error
+    return body
+
+
+def problem_response(
+    error: ProxyError,
+    *,
+    instance: str,
+    trace_id: str,
+    close: bool = False,
+    extra_headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Return a complete problem+json response for ``error``."""
+    headers = {"BelGov-Trace-Id": trace_id, "Cache-Control": "no-store"}
+    retry_after = error.retry_after_s
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if extra_headers:
+        headers.update(extra_headers)
+    response = web.Response(
+        status=error.status,
+        body=json.dumps(problem_body(error, instance=instance)).encode(),
+        content_type=PROBLEM_JSON,
+        headers=headers,
+    )
+    if close:
+        response.force_close()
+    return response
