@@ -167,6 +167,7 @@ class ListenConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     body_read_timeout_s: float = 30.0
     keepalive_timeout_s: float = 15.0
+    drain_timeout_s: float = 20.0
     max_in_flight: int = 256
     shared_secret_file: Path | None = None
     shared_secret: Secret | None = field(default=None, repr=False)
@@ -463,6 +464,7 @@ def _listen(t: _Table) -> ListenConfig:
     max_body = t.integer("max_body_bytes", 64 * 1024 * 1024, low=0, high=1 << 40)
     body_timeout = t.number("body_read_timeout_s", 30.0, low=0.1, high=3600)
     keepalive = t.number("keepalive_timeout_s", 15.0, low=0.1, high=3600)
+    drain = t.number("drain_timeout_s", 20.0, low=0, high=3600)
     max_in_flight = t.integer("max_in_flight", 256, low=1, high=100000)
     secret_file = t.path("shared_secret_file")
     t.finish()
@@ -480,6 +482,7 @@ def _listen(t: _Table) -> ListenConfig:
         max_body_bytes=max_body,
         body_read_timeout_s=body_timeout,
         keepalive_timeout_s=keepalive,
+        drain_timeout_s=drain,
         max_in_flight=max_in_flight,
         shared_secret_file=secret_file,
         shared_secret=secret,

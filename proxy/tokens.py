@@ -52,6 +52,17 @@ MAX_RETRY_AFTER_S: Final = 3600.0
 
 Clock = Callable[[], float]
 
+# What an operator should look at first, per OAuth error code or failure reason.
+HINTS: Final[Mapping[str, str]] = {
+    "invalid_client": "certificate or client id not registered for this environment "
+    "(or the local clock is off: see kszproxy_clock_skew_seconds)",
+    "invalid_scope": "scope not granted to this client id",
+    "unauthorized_client": "client id not allowed the client_credentials grant",
+    "unreachable": "check DNS, the firewall flow to the token endpoint and upstream proxies",
+    "timeout": "the token endpoint is slow or a firewall drops packets",
+    "tls": "the token endpoint's certificate is not trusted (oauth.ca_file?)",
+}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Token:
@@ -187,6 +198,7 @@ class TokenProvider:
         wall_clock: Clock = time.time,
         rng: Callable[[], float] = random.random,
         tick_s: float = 1.0,
+        on_fetch: Callable[[str, float], None] | None = None,
     ) -> None:
         self._config = config
         self._oauth = config.oauth
@@ -196,6 +208,8 @@ class TokenProvider:
         self._wall = wall_clock
         self._rng = rng
         self._tick_s = tick_s
+        # Told the outcome (success, rejected, error) and duration of every token request.
+        self._on_fetch = on_fetch or (lambda _outcome, _duration: None)
         self._token_url: str | None = config.oauth.token_url
         self._discovery: asyncio.Task[str] | None = None
         self._entries: dict[frozenset[str], _Entry] = {}
@@ -274,6 +288,18 @@ class TokenProvider:
                 asyncio.create_task(self._maintain(entry), name=f"token-refresh {_label(scopes)}")
             )
 
+    def replace_credentials(self, credentials: Credentials) -> None:
+        """Sign with new credentials from now on and fetch fresh tokens for every scope set.
+
+        Cached tokens keep serving until their replacements arrive; if the new credentials are
+        refused, the old tokens serve while valid and the failure shows in health and logs.
+        """
+        self._credentials = credentials
+        for entry in self._entries.values():
+            entry.retry_at = 0.0
+            if entry.fetch is None:
+                self._start_fetch(entry)
+
     async def close(self) -> None:
         """Stop background refresh and any token request in flight."""
         tasks: list[asyncio.Task[Any]] = list(self._maintainers)
@@ -329,11 +355,14 @@ class TokenProvider:
 
     async def _fetch(self, entry: _Entry) -> Token:
         entry.last_attempt_wall = self._wall()
+        started = time.perf_counter()
         try:
             token = await self._request(entry.scopes)
         except TokenUnavailable as exc:
             self._record_failure(entry, exc)
+            self._on_fetch(entry.last_outcome or "error", time.perf_counter() - started)
             raise
+        self._on_fetch("success", time.perf_counter() - started)
         entry.failures = 0
         entry.retry_at = 0.0
         entry.last_error = None
@@ -362,6 +391,7 @@ class TokenProvider:
                 "scopes": _label(entry.scopes),
                 "reason": exc.reason,
                 "oauth_error": exc.oauth_error,
+                "hint": HINTS.get(exc.oauth_error or exc.reason),
                 "detail": exc.detail,
                 "retry_in_s": round(delay, 3),
                 "consecutive_failures": entry.failures,

@@ -1,0 +1,304 @@
+"""Own one forwarded request: caller -> KSZ REST endpoint -> caller, streaming both ways.
+
+The rules (the inbound policy in ``inbound.py`` has already accepted the request):
+
+- the target is sent byte-exact: ``<route upstream><raw path and query>``, never rebuilt from a
+  decoded path (``yarl.URL(..., encoded=True)``);
+- the body is framed afresh with the same bytes: ``Content-Length`` when the caller sent one,
+  chunked otherwise; bodies up to ``upstream.replay_max_bytes`` are buffered so that an upstream
+  401 can be answered by one fresh token and one resend; larger bodies stream through with
+  backpressure, bounded by ``listen.max_body_bytes`` (413) and ``listen.body_read_timeout_s`` (408);
+- redirects are never followed and nothing is decompressed, in either direction;
+- transport faults become ``UpstreamError`` with a stable reason (dns, connect, tls, reset,
+  protocol) or ``UpstreamTimeout``; a request is never retried after a transport fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from proxy.config import Config, Route
+from proxy.credentials import Credentials
+from proxy.errors import RequestRejected, UpstreamError, UpstreamTimeout
+from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.tls import client_context
+from proxy.tokens import Token, TokenProvider
+
+log = logging.getLogger("ksz_proxy.forward")
+
+CHUNK: Final = 64 * 1024
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+# Headers aiohttp's client would add on its own; the caller's own values (or none) go upstream.
+_SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one forwarded request, for the access log and the metrics."""
+
+    upstream_status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    retried: bool = False
+
+
+def make_session(config: Config, credentials: Credentials) -> aiohttp.ClientSession:
+    """Return the upstream session: verified TLS, pooled, no proxy variables, no decompression."""
+    upstream = config.upstream
+    context = client_context(
+        upstream.ca_file,
+        client_credentials=credentials if upstream.client_certificate else None,
+    )
+    connector = aiohttp.TCPConnector(
+        ssl=context, limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=60
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        trust_env=False,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        raise_for_status=False,
+        timeout=aiohttp.ClientTimeout(
+            total=upstream.total_timeout_s,
+            sock_connect=upstream.connect_timeout_s,
+            sock_read=upstream.read_timeout_s,
+        ),
+    )
+    # aiohttp resends GET/HEAD/OPTIONS/TRACE/PUT/DELETE once after a reset connection. A resend
+    # of a streamed body would go out empty, and a transport fault is never retried here, so
+    # switch it off (no public setting exists; the attribute is checked by a test).
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session
+
+
+class _BodyAborted(Exception):
+    """The caller's body broke a limit while it streamed upstream."""
+
+
+@dataclass(slots=True)
+class _Body:
+    """The caller's body: the buffered start and, when it is too large to buffer, the rest."""
+
+    buffered: bytes
+    rest: AsyncIterator[bytes] | None
+    # Set when the streamed rest broke a limit; aiohttp wraps the generator's exception, so the
+    # answer to give is kept here rather than read back from the wrapper.
+    aborted: RequestRejected | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.rest is None
+
+
+class Forwarder:
+    """Forward requests for the proxy listener; one instance per application."""
+
+    def __init__(
+        self, config: Config, tokens: TokenProvider, session: aiohttp.ClientSession
+    ) -> None:
+        self._tokens = tokens
+        self._session = session
+        self._max_body = config.listen.max_body_bytes
+        self._replay_max = config.upstream.replay_max_bytes
+        self._body_timeout_s = config.listen.body_read_timeout_s
+
+    async def forward(
+        self, request: web.BaseRequest, route: Route, trace_id: str, exchange: Exchange
+    ) -> web.StreamResponse:
+        """Send ``request`` to the route's upstream and stream the answer back."""
+        declared = request.content_length
+        if declared is not None and declared > self._max_body:
+            raise _too_large()
+        token = await self._tokens.get(route.scopes)
+        deadline = asyncio.get_running_loop().time() + self._body_timeout_s
+        body = await self._read_start(request, declared, deadline)
+        exchange.bytes_in = len(body.buffered)
+        url = URL(route.upstream + request.raw_path, encoded=True)
+
+        upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
+        if upstream.status == 401:
+            # The token was refused: never use it again. Resend once, and only a buffered body.
+            self._tokens.invalidate(token)
+            if body.replayable:
+                upstream.release()
+                token = await self._tokens.get(route.scopes)
+                exchange.retried = True
+                upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
+        exchange.upstream_status = upstream.status
+        return await self._relay(request, upstream, exchange)
+
+    async def _read_start(
+        self, request: web.BaseRequest, declared: int | None, deadline: float
+    ) -> _Body:
+        """Buffer a replayable body; otherwise keep the first bytes and a stream of the rest."""
+        if not request.body_exists:
+            return _Body(buffered=b"", rest=None)
+        if declared is not None and declared > self._replay_max:
+            body = _Body(buffered=b"", rest=None)
+            body.rest = self._stream_rest(request, body, 0, deadline)
+            return body
+        limit = self._replay_max if declared is None else declared
+        buffered = await self._read_some(request, limit + 1, deadline)
+        if len(buffered) > self._max_body:
+            raise _too_large()
+        body = _Body(buffered=buffered, rest=None)
+        if len(buffered) > limit or not request.content.at_eof():
+            body.rest = self._stream_rest(request, body, len(buffered), deadline)
+        return body
+
+    async def _read_some(self, request: web.BaseRequest, size: int, deadline: float) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while got < size:
+                    chunk = await request.content.read(min(CHUNK, size - got))
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    got += len(chunk)
+        except TimeoutError:
+            raise _too_slow() from None
+        return b"".join(parts)
+
+    async def _stream_rest(
+        self, request: web.BaseRequest, body: _Body, already: int, deadline: float
+    ) -> AsyncIterator[bytes]:
+        sent = already
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                body.aborted = _too_slow()
+                raise _BodyAborted from None
+            if not chunk:
+                return
+            sent += len(chunk)
+            if sent > self._max_body:
+                body.aborted = _too_large()
+                raise _BodyAborted
+            yield chunk
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        token: Token,
+        body: _Body,
+        declared: int | None,
+        trace_id: str,
+        exchange: Exchange,
+    ) -> aiohttp.ClientResponse:
+        data: bytes | AsyncIterator[bytes] | None
+        if not request.body_exists:
+            data, length = None, None
+        elif body.rest is None:
+            data, length = body.buffered, len(body.buffered)
+        else:
+            # The same framing the caller used: its Content-Length, or chunked when it had none.
+            data, length = _counted(_chain(body.buffered, body.rest), exchange), declared
+        headers = upstream_request_headers(
+            request.headers,
+            authorization=token.authorization,
+            trace_id=trace_id,
+            content_length=length,
+        )
+        try:
+            return await self._session.request(
+                request.method, url, headers=headers, data=data, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, _BodyAborted) as exc:
+            if body.aborted is not None:
+                raise body.aborted from None
+            raise translate(exc) from None
+
+    async def _relay(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
+    ) -> web.StreamResponse:
+        """Stream the upstream answer to the caller; on a fault mid-body, cut the connection."""
+        response: web.StreamResponse | None = None
+        try:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=downstream_response_headers(upstream.headers),
+            )
+            no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
+            length = upstream.content_length
+            if length is not None and not no_body:
+                response.content_length = length
+            await response.prepare(request)
+            if not no_body:
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    exchange.bytes_out += len(chunk)
+                    await response.write(chunk)
+            await response.write_eof()
+            return response
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if response is not None and response.prepared:
+                # Headers are gone already: a clean end would pass a truncated body for whole.
+                log.warning(
+                    "upstream failed while streaming the answer; caller connection cut",
+                    extra={"reason": translate(exc).problem_reason},
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError from None
+            raise translate(exc) from None
+        finally:
+            upstream.release()
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _counted(body: AsyncIterator[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
+    exchange.bytes_in = 0
+    async for chunk in body:
+        exchange.bytes_in += len(chunk)
+        yield chunk
+
+
+def translate(exc: BaseException) -> UpstreamError:
+    """Translate a transport fault into an ``UpstreamError``; the only such edge upstream."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout()
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return UpstreamError("The upstream host name does not resolve.", reason="dns")
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return UpstreamError("The TLS handshake with the upstream failed.", reason="tls")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError("The upstream refused or dropped the connection.", reason="connect")
+    if isinstance(
+        exc,
+        aiohttp.ServerDisconnectedError
+        | aiohttp.ClientOSError
+        | aiohttp.ClientPayloadError
+        | ConnectionError,
+    ):
+        return UpstreamError("The upstream connection was reset.", reason="reset")
+    return UpstreamError("The upstream answer could not be read.", reason="protocol")
+
+
+def _too_large() -> RequestRejected:
+    return RequestRejected(413, "payload_too_large", "The request body exceeds the size limit.")
+
+
+def _too_slow() -> RequestRejected:
+    return RequestRejected(408, "body_timeout", "The request body did not arrive in time.")

@@ -1,0 +1,123 @@
+"""Own the Prometheus metrics: names, labels and bounded label values (names are a contract).
+
+Every label value comes from a closed set -- a configured route prefix or ``unrouted``, a method
+from ``METHODS`` or ``OTHER``, a three-digit status, a reason code, a configured scope set -- so
+no request can create new series, and no path, query string or secret is ever a label.
+Children are cached per label tuple to keep ``.labels()`` off the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from proxy import __version__
+
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+TOKEN_OUTCOMES: Final = ("success", "rejected", "error")
+_LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+def scope_label(scopes: Iterable[str]) -> str:
+    """Return the label value of a configured scope set (``default`` for the client's own)."""
+    return " ".join(sorted(scopes)) or "default"
+
+
+class Metrics:
+    """All ksz-proxy metrics in one registry of their own."""
+
+    def __init__(self, routes: Iterable[str], scope_sets: Iterable[frozenset[str]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._routes = frozenset(routes) | {"unrouted"}
+        self.requests = Counter(
+            "kszproxy_requests",
+            "Requests answered on the proxy listener.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "kszproxy_request_duration_seconds",
+            "Time from request to complete answer, as the caller sees it.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "kszproxy_upstream_errors",
+            "Upstream transport failures by reason (dns, connect, tls, reset, timeout, protocol).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "kszproxy_in_flight_requests", "Requests being handled now.", registry=r
+        )
+        self.token_requests = Counter(
+            "kszproxy_token_requests",
+            "Token endpoint requests by outcome (success, rejected, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.token_fetch = Histogram(
+            "kszproxy_token_fetch_duration_seconds",
+            "Time one token request took.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_expiry = Gauge(
+            "kszproxy_token_expiry_timestamp_seconds",
+            "When the cached token of each configured scope set expires (Unix time; 0 = none).",
+            ["scopes"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "kszproxy_upstream_retries",
+            "Requests resent once with a fresh token after an upstream 401.",
+            ["route"],
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "kszproxy_certificate_expiry_timestamp_seconds",
+            "notAfter of the signing certificate (Unix time).",
+            registry=r,
+        )
+        self.clock_skew = Gauge(
+            "kszproxy_clock_skew_seconds",
+            "Token endpoint Date header minus local time, at the last token request.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "kszproxy_build_info", "Always 1; the version is a label.", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        for outcome in TOKEN_OUTCOMES:
+            self.token_requests.labels(outcome=outcome)
+        for scopes in scope_sets:
+            self.token_expiry.labels(scopes=scope_label(scopes)).set(0)
+        for route in self._routes:
+            self.duration.labels(route=route)
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+
+    def route_label(self, prefix: str) -> str:
+        """Return ``prefix`` when it is a configured route, else ``unrouted``."""
+        return prefix if prefix in self._routes else "unrouted"
+
+    def observe_request(self, route: str, method: str, status: int, duration_s: float) -> None:
+        """Count one answered request and its duration."""
+        method = method if method in METHODS else "OTHER"
+        key = (route, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.requests.labels(route=route, method=method, status=str(status))
+            self._request_children[key] = child
+        child.inc()
+        self.duration.labels(route=route).observe(duration_s)
+
+    def render(self) -> bytes:
+        """Return the registry in the Prometheus text format."""
+        return generate_latest(self.registry)
