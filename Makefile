@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo clean
+.PHONY: test lint demo sandbox clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ksz-proxy needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -22,6 +22,9 @@ test: lint
 	$(BIN)/pytest
 
 demo: $(STAMP)
+	$(BIN)/ksz-proxy sandbox --demo
+
+sandbox: $(STAMP)
 	$(BIN)/ksz-proxy sandbox
 
 clean:

@@ -40,13 +40,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ksz-proxy {__version__}")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="log threshold (default: info for run, warning otherwise)",
     )
-    parser.add_argument("--log-format", default="json", choices=["json", "text"])
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=["json", "text"],
+        help="log format on stderr (default: json for run, text otherwise)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"config file (default: $KSZ_PROXY_CONFIG, else ./{DEFAULT_CONFIG_NAME})"
+
     run = commands.add_parser("run", help="run the proxy")
-    run.add_argument(
-        "-c", "--config", help=f"config file (default $KSZ_PROXY_CONFIG or ./{DEFAULT_CONFIG_NAME})"
+    run.add_argument("-c", "--config", help=config_help)
+
+    check = commands.add_parser("check", help="walk the KSZ onboarding steps and report each")
+    check.add_argument("-c", "--config", help=config_help)
+    check.add_argument("--api", help="API path prefix to call /health on (default: every route)")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    cert = commands.add_parser("cert-info", help="show a certificate or keystore")
+    source = cert.add_mutually_exclusive_group()
+    source.add_argument("-c", "--config", help="take the client credentials of this config")
+    source.add_argument("file", nargs="?", help=".p12/.pfx keystore or PEM certificate")
+    cert.add_argument("--password-file", help="file holding the keystore password")
+    cert.add_argument("--password-env", help="environment variable holding the password")
+    cert.add_argument("--export-crt", metavar="PATH", help="write the public certificate (PEM)")
+
+    csr = commands.add_parser("csr", help="generate a private key and a certificate request")
+    csr.add_argument("--subject", required=True, help='e.g. "CN=partner-acpt,O=Partner,C=BE"')
+    csr.add_argument("--key-type", choices=["rsa", "ec"], default="rsa")
+    csr.add_argument("--key-out", required=True, metavar="KEY")
+    csr.add_argument("--csr-out", required=True, metavar="CSR")
+    csr.add_argument(
+        "--encrypt", action="store_true", help="encrypt the key (password from --password-*)"
+    )
+    csr.add_argument("--password-file", help="file holding the key password")
+    csr.add_argument("--password-env", help="environment variable holding the key password")
+
+    token = commands.add_parser("token", help="fetch a token and describe it")
+    token.add_argument("-c", "--config", help=config_help)
+    token.add_argument("--scope", action="append", default=[], help="scope (repeatable)")
+    token.add_argument("--show-token", action="store_true", help="also print the token itself")
+
+    sandbox = commands.add_parser("sandbox", help="run a fake KSZ with the proxy in front of it")
+    sandbox.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
+    sandbox.add_argument("--admin-port", type=int, default=None, help="admin port (default 9090)")
+    sandbox.add_argument(
+        "--demo", action="store_true", help="make one call through the proxy, print it, exit"
     )
     return parser
 
@@ -54,17 +98,43 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return the exit code."""
     args = _parser().parse_args(argv)
-    logs.setup(args.log_level, args.log_format)
+    is_run = args.command == "run"
+    logs.setup(
+        args.log_level or ("info" if is_run else "warning"),
+        args.log_format or ("json" if is_run else "text"),
+    )
     try:
-        if args.command == "run":
-            return _run(args)
+        return _dispatch(args)
     except (ConfigError, CredentialError) as exc:
         print(f"ksz-proxy: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE
     except ParserError as exc:
         print(f"ksz-proxy: {exc.detail}", file=sys.stderr)
         return EXIT_FAILURE
-    return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "sandbox":
+        from proxy.sandbox import demo
+
+        demo_mode = bool(args.demo)
+        # The demo picks free ports unless told otherwise, so it runs beside anything.
+        port = args.port if args.port is not None else (0 if demo_mode else 8080)
+        admin = args.admin_port if args.admin_port is not None else (0 if demo_mode else 9090)
+        return _loop_run(demo.run(port=port, admin_port=admin, demo=demo_mode, out=sys.stdout))
+    from proxy import onboarding
+
+    commands = {
+        "check": onboarding.check,
+        "cert-info": onboarding.cert_info,
+        "csr": onboarding.csr,
+        "token": onboarding.token,
+    }
+    return commands[args.command](args, sys.stdout)
 
 
 def load(path: Path, environ: Mapping[str, str]) -> tuple[Config, Credentials]:
