@@ -230,14 +230,19 @@ class ProxyHandler:
             return response
         except ProxyError as exc:
             if isinstance(exc, UpstreamError):
-                self._metrics.upstream_errors.labels(route=route_prefix, reason=exc.reason).inc()
+                exchange.upstream_error = exc.reason
             response = self._problem(request, exc, trace_id)
             return response
         finally:
             state.in_flight -= 1
             duration_s = time.perf_counter() - started
-            status = response.status if response is not None else 499
+            # 499: the caller went away before any answer (nginx's convention).
+            status = response.status if response is not None else exchange.status_sent or 499
             self._metrics.observe_request(route_prefix, request.method, status, duration_s)
+            if exchange.upstream_error is not None:
+                self._metrics.upstream_errors.labels(
+                    route=route_prefix, reason=exchange.upstream_error
+                ).inc()
             if exchange.retried:
                 self._metrics.retries.labels(route=route_prefix).inc()
             access_log.info(

@@ -46,6 +46,10 @@ class Exchange:
     """What happened to one forwarded request, for the access log and the metrics."""
 
     upstream_status: int | None = None
+    # The status sent to the caller once the answer's headers are out.
+    status_sent: int | None = None
+    # The transport failure's reason code, also when it struck in the middle of the answer.
+    upstream_error: str | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     retried: bool = False
@@ -240,6 +244,7 @@ class Forwarder:
             if length is not None and not no_body:
                 response.content_length = length
             await response.prepare(request)
+            exchange.status_sent = upstream.status
             if not no_body:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     exchange.bytes_out += len(chunk)
@@ -247,16 +252,18 @@ class Forwarder:
             await response.write_eof()
             return response
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            error = translate(exc)
+            exchange.upstream_error = error.reason
             if response is not None and response.prepared:
                 # Headers are gone already: a clean end would pass a truncated body for whole.
                 log.warning(
                     "upstream failed while streaming the answer; caller connection cut",
-                    extra={"reason": translate(exc).problem_reason},
+                    extra={"reason": error.problem_reason},
                 )
                 if request.transport is not None:
                     request.transport.abort()
                 raise asyncio.CancelledError from None
-            raise translate(exc) from None
+            raise error from None
         finally:
             upstream.release()
 

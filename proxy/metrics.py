@@ -113,7 +113,9 @@ class Metrics:
         key = (route, method, status)
         child = self._request_children.get(key)
         if child is None:
-            child = self.requests.labels(route=route, method=method, status=str(status))
+            # The upstream chooses the status; anything outside HTTP's range shares one label.
+            label = str(status) if 100 <= status <= 599 else "other"
+            child = self.requests.labels(route=route, method=method, status=label)
             self._request_children[key] = child
         child.inc()
         self.duration.labels(route=route).observe(duration_s)

@@ -378,3 +378,17 @@ async def test_canary_token_never_in_logs_or_answers(
     for secret in (*tokens, *assertions):
         assert secret not in text
         assert all(secret.encode() not in body for body in bodies)
+
+
+async def test_fault_mid_answer_cuts_the_caller_connection(make_chain: ChainFactory) -> None:
+    import aiohttp
+
+    chain = await make_chain(upstream={"read_timeout_s": 0.3})
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with chain.request("GET", DEMO + "/stall-body?seconds=5") as response:
+            assert response.status == 200
+            await response.read()
+    # The proxy keeps serving.
+    async with chain.request("GET", DEMO + "/x") as response:
+        assert response.status == 200
+    assert chain.proxy.state.in_flight == 0
