@@ -151,7 +151,10 @@ class RequestRejected(ProxyError):
         405: (OWN + "methodNotAllowed", "Method Not Allowed"),
         408: (OWN + "requestTimeout", "Request Timeout"),
         413: (BELGIF + "payloadTooLarge", "Payload Too Large"),
+        414: (OWN + "uriTooLong", "URI Too Long"),
         421: (OWN + "misdirectedRequest", "Misdirected Request"),
+        431: (OWN + "requestHeaderFieldsTooLarge", "Request Header Fields Too Large"),
+        500: (BELGIF + "internalServerError", "Internal Server Error"),
         503: (BELGIF + "serviceUnavailable", "Service Unavailable"),
     }
 
