@@ -14,6 +14,8 @@ Two listeners, never mixed:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -21,7 +23,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -30,7 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy import forward, tokens
 from proxy.config import Config, Route, load_config
 from proxy.credentials import Credentials, check_algorithm, load_credentials
-from proxy.errors import ProxyError, RequestRejected, UpstreamError
+from proxy.errors import ConfigError, ProxyError, RequestRejected, UpstreamError
 from proxy.forward import Exchange, Forwarder
 from proxy.headers import trace_id_for
 from proxy.health import assess
@@ -56,6 +58,8 @@ access_log = logging.getLogger("ksz_proxy.access")
 MAX_LINE_BYTES: Final = 8190
 MAX_FIELD_BYTES: Final = 8190
 MAX_HEADERS: Final = 100
+# After the drain, what still runs gets this long to react to cancellation.
+CANCEL_GRACE_S: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -68,6 +72,27 @@ class State:
     proxy_port: int = 0
     # Replaced by a credential reload (SIGHUP); None means the ones the app started with.
     credentials: Credentials | None = None
+    # Set whenever no request is in flight; the drain waits on it.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # The handler tasks in flight, so that a drain that runs out can cancel them.
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def enter(self) -> None:
+        """Count the current request in."""
+        self.in_flight += 1
+        self.idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+
+    def leave(self) -> None:
+        """Count the current request out."""
+        self.in_flight -= 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.discard(task)
+        if self.in_flight == 0:
+            self.idle.set()
 
     def current_credentials(self, app: web.Application) -> Credentials:
         """Return the credentials in use now."""
@@ -220,7 +245,7 @@ class ProxyHandler:
         route_prefix = "unrouted"
         started = time.perf_counter()
         response: web.StreamResponse | None = None
-        state.in_flight += 1
+        state.enter()
         try:
             if state.in_flight > self._max_in_flight:
                 raise RequestRejected(
@@ -237,7 +262,7 @@ class ProxyHandler:
             response = self._problem(request, exc, trace_id)
             return response
         finally:
-            state.in_flight -= 1
+            state.leave()
             duration_s = time.perf_counter() - started
             # 499: the caller went away before any answer (nginx's convention).
             status = response.status if response is not None else exchange.status_sent or 499
@@ -347,12 +372,19 @@ class _ProxyRequestHandler(RequestHandler):
             log.info("malformed request refused", extra={"error": name, "status": status})
             if status not in (400, 413, 414, 431):
                 status = 400
+        manager = self._manager
+        if isinstance(manager, _ProxyServer):
+            manager.metrics.observe_request("unrouted", "OTHER", status, 0.0)
             error = RequestRejected(status, "bad_request", "The request is not valid HTTP/1.1.")
         return problem_response(error, instance="-", trace_id=str(uuid.uuid4()), close=True)
 
 
 class _ProxyServer(web.Server):
     """A low-level server whose connections use ``_ProxyRequestHandler``."""
+
+    def __init__(self, handler: ProxyHandler, *, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.metrics = metrics
 
     def __call__(self) -> RequestHandler:
         return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -371,13 +403,30 @@ class RunningProxy:
     state: State
     proxy_url: str
     admin_url: str
+    drain_s: float = 20.0
 
     async def close(self) -> None:
         """Turn readiness off, stop accepting, let in-flight requests finish, then close all.
 
-        In-flight requests get the drain time given to ``start``; then they are cancelled.
+        In-flight requests get ``drain_s`` in all; whatever still runs then is cancelled.
         """
         self.state.draining = True
+        for site in list(self.proxy_runner.sites):
+            await site.stop()
+        server = self.proxy_runner.server
+        if server is not None:
+            server.pre_shutdown()  # keep-alive connections close once their request is done
+        if self.state.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.state.idle.wait(), self.drain_s)
+        left = list(self.state.tasks)
+        if left:
+            log.warning(
+                "drain time over; cancelling requests in flight", extra={"requests": len(left)}
+            )
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=CANCEL_GRACE_S)
         await self.proxy_runner.cleanup()
         await self.admin_runner.cleanup()
 
@@ -391,9 +440,10 @@ async def start(config: Config, credentials: Credentials, *, drain_s: float = 20
     await admin_runner.setup()
     try:
         admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
-        await admin_site.start()
+        await _listen(admin_site, "admin", config.admin.host, config.admin.port)
         server = _ProxyServer(
             ProxyHandler(admin_app),
+            metrics=admin_app[METRICS],
             handler_cancellation=True,
             keepalive_timeout=config.listen.keepalive_timeout_s,
             max_line_size=MAX_LINE_BYTES,
@@ -404,10 +454,12 @@ async def start(config: Config, credentials: Credentials, *, drain_s: float = 20
             # After a refused body (413, 408) close at once instead of draining it for 10 s.
             lingering_time=0,
         )
-        proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=drain_s)
+        proxy_runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=CANCEL_GRACE_S
+        )
         await proxy_runner.setup()
         proxy_site = web.TCPSite(proxy_runner, config.listen.host, config.listen.port)
-        await proxy_site.start()
+        await _listen(proxy_site, "listen", config.listen.host, config.listen.port)
     except BaseException:
         await admin_runner.cleanup()
         raise
@@ -419,6 +471,7 @@ async def start(config: Config, credentials: Credentials, *, drain_s: float = 20
             extra={"host": config.listen.host},
         )
     return RunningProxy(
+        drain_s=drain_s,
         admin_runner=admin_runner,
         proxy_runner=proxy_runner,
         admin_app=admin_app,
@@ -459,6 +512,15 @@ def reload_credentials(running: RunningProxy, environ: dict[str, str] | None = N
         },
     )
     return True
+
+
+async def _listen(site: web.TCPSite, key: str, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}.port: cannot listen on {_authority(host, port)} ({exc.strerror or exc})"
+        ) from None
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -34,7 +34,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update(record_fields(record))
+        for key, value in record_fields(record).items():
+            # A field named like a promised key (time, level, ...) must not replace it.
+            entry.setdefault(key, value)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
             entry["traceback"] = self.formatException(record.exc_info)
