@@ -11,14 +11,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Mapping
-from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any
 
 from proxy import __version__, logs
 from proxy.app import ParserError, reload_credentials, start
-from proxy.config import DEFAULT_CONFIG_NAME, Config, load_config
-from proxy.credentials import Credentials, check_algorithm, load_credentials
+from proxy.config import DEFAULT_CONFIG_NAME, Config, config_path
+from proxy.credentials import Credentials, load_setup
 from proxy.errors import ConfigError, CredentialError
 
 log = logging.getLogger("ksz_proxy.cli")
@@ -26,11 +25,6 @@ log = logging.getLogger("ksz_proxy.cli")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-
-def config_path(arg: str | None, environ: Mapping[str, str]) -> Path:
-    """Return the config path: ``-c``, else ``$KSZ_PROXY_CONFIG``, else ``./ksz-proxy.toml``."""
-    return Path(arg or environ.get("KSZ_PROXY_CONFIG") or DEFAULT_CONFIG_NAME)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,16 +131,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     return commands[args.command](args, sys.stdout)
 
 
-def load(path: Path, environ: Mapping[str, str]) -> tuple[Config, Credentials]:
-    """Load and check the configuration and the credentials it names."""
-    config = load_config(path, environ)
-    credentials = load_credentials(config.client)
-    check_algorithm(credentials, config.oauth.algorithm)
-    return config, credentials
-
-
 def _run(args: argparse.Namespace) -> int:
-    config, credentials = load(config_path(args.config, os.environ), os.environ)
+    config, credentials = load_setup(config_path(args.config, os.environ), os.environ)
     return _loop_run(_serve(config, credentials))
 
 

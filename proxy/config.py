@@ -268,6 +268,11 @@ def read_secret_file(path: Path, key: str) -> Secret:
 # Loading
 
 
+def config_path(arg: str | None, environ: Mapping[str, str]) -> Path:
+    """Return the config path: ``-c``, else ``$KSZ_PROXY_CONFIG``, else ``./ksz-proxy.toml``."""
+    return Path(arg or environ.get("KSZ_PROXY_CONFIG") or DEFAULT_CONFIG_NAME)
+
+
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str]) -> Config:
     """Read and validate the TOML file at ``path``; ``environ`` resolves ``password_env``."""
     path = Path(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from proxy.config import ClientConfig, Secret, check_private_file
+from proxy.config import ClientConfig, Config, Secret, check_private_file, load_config
 from proxy.errors import ConfigError, CredentialError
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -414,3 +415,11 @@ def _b64url(digest: bytes) -> str:
 
 def _when(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def load_setup(path: Path, environ: Mapping[str, str]) -> tuple[Config, Credentials]:
+    """Load the configuration and the credentials it names, checked as ``run`` needs them."""
+    config = load_config(path, environ)
+    credentials = load_credentials(config.client)
+    check_algorithm(credentials, config.oauth.algorithm)
+    return config, credentials
