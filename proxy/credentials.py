@@ -201,25 +201,30 @@ def load_pkcs12(path: Path, password: Secret | None, *, key: str = "client.pkcs1
     return Credentials(private_key=private_key, certificate=leaf, chain=chain, source=path)
 
 
-def load_pem(key_path: Path, cert_path: Path, password: Secret | None) -> Credentials:
+def load_pem(
+    key_path: Path,
+    cert_path: Path,
+    password: Secret | None,
+    *,
+    key: str = "client.private_key",
+    cert_key: str = "client.certificate",
+) -> Credentials:
     """Load a PEM private key (PKCS#8, PKCS#1 or SEC1, encrypted or not) and a PEM certificate.
 
     The certificate file may hold a chain; the certificate matching the key is the leaf.
     """
-    key_data = _read_private(key_path, "client.private_key")
-    private_key = _check_key(
-        _load_pem_key(key_data, key_path, password), key_path, "client.private_key"
-    )
-    cert_data = _read(cert_path, "client.certificate")
+    key_data = _read_private(key_path, key)
+    private_key = _check_key(_load_pem_key(key_data, key_path, password), key_path, key)
+    cert_data = _read(cert_path, cert_key)
     # A combined key + certificate file is as secret as the key file itself.
     if b"PRIVATE KEY-----" in cert_data:
-        _check_private(cert_path, "client.certificate")
+        _check_private(cert_path, cert_key)
     certificates = _load_certificates(cert_data, cert_path)
     picked = _pick_leaf(private_key, certificates)
     if picked is None:
         raise CredentialError(
-            f"client.certificate: {cert_path} does not belong to the key in {key_path} "
-            "(client.private_key): the public keys differ"
+            f"{cert_key}: {cert_path} does not belong to the key in {key_path} "
+            f"({key}): the public keys differ"
         )
     leaf, chain = picked
     return Credentials(private_key=private_key, certificate=leaf, chain=chain, source=cert_path)

@@ -185,7 +185,10 @@ def _load_pem_file(args: argparse.Namespace, path: Path, data: bytes) -> Materia
         password = None
         if _password_given(args) or b"ENCRYPTED" in data:
             password = read_password(args, f"password for the key in {path}")
-        return _from_credentials(load_pem(path, path, password), "PEM key and certificate")
+        return _from_credentials(
+            load_pem(path, path, password, key="cert-info", cert_key="cert-info"),
+            "PEM key and certificate",
+        )
     if b"CERTIFICATE REQUEST-----" in data:
         raise ConfigError(
             f"file: {path} is a certificate request (CSR): send it to a CA, then run cert-info "
