@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo sandbox clean
+.PHONY: test lint deploy-check demo sandbox clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ksz-proxy needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -18,7 +18,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict proxy tests
 
-test: lint
+# Dockerfile, manifests, rules, unit (deploy/check.sh); the Python side is tests/test_deploy.py.
+deploy-check: $(STAMP)
+	VENV=$(VENV) bash deploy/check.sh
+
+test: lint deploy-check
 	$(BIN)/pytest
 
 demo: $(STAMP)
