@@ -273,21 +273,33 @@ class ProxyHandler:
                 ).inc()
             if exchange.retried:
                 self._metrics.retries.labels(route=route_prefix).inc()
-            access_log.info(
-                "request",
-                extra={
-                    "trace_id": trace_id,
-                    "method": request.method,
-                    "route": route_prefix,
-                    "path": request.raw_path.partition("?")[0],
-                    "status": status,
-                    "upstream_status": exchange.upstream_status,
-                    "duration_s": round(duration_s, 6),
-                    "bytes_in": exchange.bytes_in,
-                    "bytes_out": exchange.bytes_out,
-                    "retried": exchange.retried,
-                },
-            )
+            if access_log.isEnabledFor(logging.INFO):
+                self._log_access(request, trace_id, route_prefix, status, duration_s, exchange)
+
+    @staticmethod
+    def _log_access(
+        request: web.BaseRequest,
+        trace_id: str,
+        route_prefix: str,
+        status: int,
+        duration_s: float,
+        exchange: Exchange,
+    ) -> None:
+        access_log.info(
+            "request",
+            extra={
+                "trace_id": trace_id,
+                "method": request.method,
+                "route": route_prefix,
+                "path": request.raw_path.partition("?")[0],
+                "status": status,
+                "upstream_status": exchange.upstream_status,
+                "duration_s": round(duration_s, 6),
+                "bytes_in": exchange.bytes_in,
+                "bytes_out": exchange.bytes_out,
+                "retried": exchange.retried,
+            },
+        )
 
     def _accept(self, request: web.BaseRequest) -> Route:
         """Apply the inbound policy and return the route; raise RequestRejected otherwise."""

@@ -102,6 +102,7 @@ class Metrics:
         for route in self._routes:
             self.duration.labels(route=route)
         self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
 
     def route_label(self, prefix: str) -> str:
         """Return ``prefix`` when it is a configured route, else ``unrouted``."""
@@ -118,7 +119,10 @@ class Metrics:
             child = self.requests.labels(route=route, method=method, status=label)
             self._request_children[key] = child
         child.inc()
-        self.duration.labels(route=route).observe(duration_s)
+        histogram = self._duration_children.get(route)
+        if histogram is None:
+            histogram = self._duration_children[route] = self.duration.labels(route=route)
+        histogram.observe(duration_s)
 
     def render(self) -> bytes:
         """Return the registry in the Prometheus text format."""
