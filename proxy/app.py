@@ -39,11 +39,13 @@ from proxy.health import assess
 from proxy.inbound import (
     ALLOW_HEADER,
     check_browser,
+    check_fragment,
     check_host,
     check_method,
     check_path,
     check_proxy_key,
     check_upgrade,
+    check_version,
     find_route,
     split_target,
 )
@@ -306,6 +308,8 @@ class ProxyHandler:
         check_method(request.method)
         if request.raw_path == "*":
             raise RequestRejected(405, "method_not_allowed", "OPTIONS * is not forwarded.")
+        check_version(request.version)
+        check_fragment(request.raw_path)
         raw_path, _query = split_target(request.raw_path)
         headers = request.headers
         if len(headers.getall("Host", ())) > 1:

@@ -16,6 +16,7 @@ The rules (the inbound policy in ``inbound.py`` has already accepted the request
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -205,11 +206,13 @@ class Forwarder:
         trace_id: str,
         exchange: Exchange,
     ) -> aiohttp.ClientResponse:
-        data: bytes | AsyncIterator[bytes] | None
+        data: bytes | io.BytesIO | AsyncIterator[bytes] | None
         if not request.body_exists:
             data, length = None, None
         elif body.rest is None:
-            data, length = body.buffered, len(body.buffered)
+            # aiohttp writes a bytes body in one go and warns above 1 MiB (an error where
+            # warnings are errors); a BytesIO is written in chunks, and is made afresh per send.
+            data, length = io.BytesIO(body.buffered), len(body.buffered)
         else:
             # The same framing the caller used: its Content-Length, or chunked when it had none.
             data, length = _counted(_chain(body.buffered, body.rest), exchange), declared

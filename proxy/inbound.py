@@ -4,6 +4,7 @@ Anyone who can reach the listener acts with the partner's legal authority at KSZ
 checked before anything else happens (no token fetched, nothing sent upstream):
 
 - method: the usual REST methods only; CONNECT, TRACE and unknown methods get 405;
+- version: HTTP/1.0 and HTTP/1.1 only; a fragment (``#``) anywhere in the target: 400;
 - target: origin-form only (``/path?query``); absolute-form (``http://evil/x``) and ``*`` get 400;
 - path: no dot segments (also ``..;`` and percent-encoded dots), no encoded slash or backslash,
   no backslash, no ``%00`` or control characters, no ``//``, and none of these either once the
@@ -37,6 +38,7 @@ _BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
 # A path still changing after this many decodings is refused rather than decoded further.
 _MAX_DECODINGS: Final = 3
+_VERSIONS: Final = frozenset({(1, 0), (1, 1)})
 
 
 def check_method(method: str) -> None:
@@ -52,6 +54,22 @@ def split_target(raw_target: str) -> tuple[str, str]:
         raise RequestRejected(400, "bad_target", "Only origin-form request targets are accepted.")
     path, sep, query = raw_target.partition("?")
     return path, sep + query
+
+
+def check_version(version: tuple[int, int]) -> None:
+    """Refuse request lines other than HTTP/1.0 and HTTP/1.1.
+
+    llhttp also accepts ``HTTP/0.9``, ``HTTP/2.0`` and a request line without a version, and
+    then reads header lines after them: framing other parsers read differently.
+    """
+    if tuple(version) not in _VERSIONS:
+        raise RequestRejected(400, "bad_request", "The request is not valid HTTP/1.1.")
+
+
+def check_fragment(raw_target: str) -> None:
+    """Refuse a target with a fragment (``#``), which the upstream request could not carry."""
+    if "#" in raw_target:
+        raise RequestRejected(400, "bad_target", "The request target carries a fragment.")
 
 
 def check_path(raw_path: str) -> None:

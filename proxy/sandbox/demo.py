@@ -191,7 +191,9 @@ async def _demo_call(
     print("\nDemo: two calls through the proxy", file=out)
     ok = True
     for path in (f"{API}/health", f"{API}/persons/85073003328?fields=name"):
-        async with session.get(proxy_url + path, headers={"BelGov-Trace-Id": "sandbox-demo"}) as r:
+        async with session.get(
+            proxy_url + path, headers={"BelGov-Trace-Id": "sandbox-demo"}, allow_redirects=False
+        ) as r:
             body = await r.text()
             ok &= r.status == 200
             print(f"  GET {path} -> {r.status}\n    {body[:400]}", file=out)
