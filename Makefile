@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint deploy-check demo sandbox clean
+.PHONY: test lint deploy-check demo sandbox bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ksz-proxy needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 sandbox: $(STAMP)
 	$(BIN)/ksz-proxy sandbox
+
+# Benchmark against nginx and a bare aiohttp proxy on loopback (bench/README.md); about 7
+# minutes, `make bench BENCH_ARGS=--quick` about 2. Not part of `make test`.
+bench: $(STAMP)
+	VENV=$(VENV) bash bench/run.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

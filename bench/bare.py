@@ -1,0 +1,58 @@
+"""A bare pass-through proxy: aiohttp on uvloop, no token, no checks -- the ceiling for our stack.
+
+Usage: ``python bench/bare.py PORT UPSTREAM_ORIGIN CA_FILE``. Streams both ways like ksz-proxy,
+over the same kind of verified, pooled TLS client session; stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import sys
+
+import aiohttp
+import uvloop
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host"})
+
+
+async def main(port: int, origin: str, ca_file: str) -> None:
+    """Forward every request to ``origin`` until SIGTERM or SIGINT."""
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca_file))
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in DROP)
+        data = request.content if request.body_exists else None
+        url = URL(origin + request.raw_path, encoded=True)
+        async with session.request(
+            request.method, url, headers=headers, data=data, allow_redirects=False
+        ) as upstream:
+            back = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in DROP)
+            response = web.StreamResponse(status=upstream.status, headers=back)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    runner = web.ServerRunner(web.Server(handle, access_log=None), handle_signals=False)
+    await runner.setup()
+    # nginx listens with a backlog of 511; aiohttp's default of 128 drops connections at c=256.
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await session.close()
+
+
+if __name__ == "__main__":
+    uvloop.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
