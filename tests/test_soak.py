@@ -81,6 +81,11 @@ refresh_ratio = 0.3
 url = {q(upstream.url)}
 ca_file = {q(ca)}
 replay_max_bytes = {4 * MIB}
+# Client, proxy and both fakes share this process's one event loop; on a busy 2-core machine a
+# TLS connect to the fake upstream can wait seconds for the loop. The soak is about tokens,
+# 401s and reloads, not about timeouts (tests/test_faults.py covers those).
+connect_timeout_s = 60
+read_timeout_s = 120
 
 [listen]
 port = 0
