@@ -62,6 +62,7 @@ MAX_FIELD_BYTES: Final = 8190
 MAX_HEADERS: Final = 100
 # After the drain, what still runs gets this long to react to cancellation.
 CANCEL_GRACE_S: Final = 1.0
+LISTEN_BACKLOG: Final = 1024
 
 
 @dataclass(slots=True)
@@ -266,8 +267,13 @@ class ProxyHandler:
         finally:
             state.leave()
             duration_s = time.perf_counter() - started
-            # 499: the caller went away before any answer (nginx's convention).
-            status = response.status if response is not None else exchange.status_sent or 499
+            # 499 (nginx's convention): the caller went away before the answer was complete.
+            if exchange.caller_gone:
+                status = 499
+            elif response is not None:
+                status = response.status
+            else:
+                status = exchange.status_sent or 499
             self._metrics.observe_request(route_prefix, request.method, status, duration_s)
             if exchange.upstream_error is not None:
                 self._metrics.upstream_errors.labels(
@@ -474,7 +480,10 @@ async def start(config: Config, credentials: Credentials, *, drain_s: float = 20
             server, handle_signals=False, shutdown_timeout=CANCEL_GRACE_S
         )
         await proxy_runner.setup()
-        proxy_site = web.TCPSite(proxy_runner, config.listen.host, config.listen.port)
+        # A deeper accept queue than aiohttp's 128: bursts of new connections are not dropped.
+        proxy_site = web.TCPSite(
+            proxy_runner, config.listen.host, config.listen.port, backlog=LISTEN_BACKLOG
+        )
         await _listen(proxy_site, "listen", config.listen.host, config.listen.port)
     except BaseException:
         await admin_runner.cleanup()

@@ -19,7 +19,7 @@ import asyncio
 import io
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Final
 
@@ -51,6 +51,8 @@ class Exchange:
     status_sent: int | None = None
     # The transport failure's reason code, also when it struck in the middle of the answer.
     upstream_error: str | None = None
+    # The caller closed its connection before the answer was complete.
+    caller_gone: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
     retried: bool = False
@@ -246,14 +248,20 @@ class Forwarder:
             length = upstream.content_length
             if length is not None and not no_body:
                 response.content_length = length
-            await response.prepare(request)
+            await _to_caller(response.prepare(request))
             exchange.status_sent = upstream.status
             if not no_body:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     exchange.bytes_out += len(chunk)
-                    await response.write(chunk)
-            await response.write_eof()
+                    await _to_caller(response.write(chunk))
+            await _to_caller(response.write_eof())
             return response
+        except _CallerGone:
+            # The caller went away mid-answer: not an upstream fault, and nothing to answer.
+            exchange.caller_gone = True
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = translate(exc)
             exchange.upstream_error = error.reason
@@ -269,6 +277,18 @@ class Forwarder:
             raise error from None
         finally:
             upstream.release()
+
+
+class _CallerGone(Exception):
+    """Writing to the caller failed: it closed or reset its connection."""
+
+
+async def _to_caller(write: Awaitable[object]) -> None:
+    """Await a write to the caller; its connection errors become ``_CallerGone``."""
+    try:
+        await write
+    except (ConnectionError, OSError) as exc:
+        raise _CallerGone from exc
 
 
 async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

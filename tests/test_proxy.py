@@ -392,3 +392,18 @@ async def test_fault_mid_answer_cuts_the_caller_connection(make_chain: ChainFact
     async with chain.request("GET", DEMO + "/x") as response:
         assert response.status == 200
     assert chain.proxy.state.in_flight == 0
+
+
+async def test_caller_leaving_mid_answer_is_not_an_upstream_error(chain: Chain) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", chain.port)
+    head = f"GET {DEMO}/stream/?bytes=200000000 HTTP/1.1\r\nHost: 127.0.0.1:{chain.port}\r\n\r\n"
+    writer.write(head.encode())
+    await writer.drain()
+    await reader.readexactly(200_000)
+    writer.transport.abort()
+    async with asyncio.timeout(5):
+        await chain.proxy.state.idle.wait()
+    async with chain.session.get(chain.proxy.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    assert "kszproxy_upstream_errors_total{" not in metrics
+    assert f'kszproxy_requests_total{{method="GET",route="{DEMO}",status="499"}} 1.0' in metrics
