@@ -20,7 +20,6 @@ import logging
 import os
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -29,12 +28,12 @@ import aiohttp
 from aiohttp import http_parser, web
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import forward, tokens
+from proxy import forward, logs, tokens
 from proxy.config import Config, Route, load_config
 from proxy.credentials import Credentials, check_algorithm, load_credentials
 from proxy.errors import ConfigError, ProxyError, RequestRejected, UpstreamError
 from proxy.forward import Exchange, Forwarder
-from proxy.headers import trace_id_for
+from proxy.headers import new_trace_id, trace_id_for
 from proxy.health import assess
 from proxy.inbound import (
     ALLOW_HEADER,
@@ -80,18 +79,16 @@ class State:
     # The handler tasks in flight, so that a drain that runs out can cancel them.
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    def enter(self) -> None:
-        """Count the current request in."""
+    def enter(self, task: asyncio.Task[Any] | None) -> None:
+        """Count a request in."""
         self.in_flight += 1
         self.idle.clear()
-        task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)
 
-    def leave(self) -> None:
-        """Count the current request out."""
+    def leave(self, task: asyncio.Task[Any] | None) -> None:
+        """Count a request out."""
         self.in_flight -= 1
-        task = asyncio.current_task()
         if task is not None:
             self.tasks.discard(task)
         if self.in_flight == 0:
@@ -248,7 +245,8 @@ class ProxyHandler:
         route_prefix = "unrouted"
         started = time.perf_counter()
         response: web.StreamResponse | None = None
-        state.enter()
+        task = request.task
+        state.enter(task)
         try:
             if state.in_flight > self._max_in_flight:
                 raise RequestRejected(
@@ -265,7 +263,7 @@ class ProxyHandler:
             response = self._problem(request, exc, trace_id)
             return response
         finally:
-            state.leave()
+            state.leave(task)
             duration_s = time.perf_counter() - started
             # 499 (nginx's convention): the caller went away before the answer was complete.
             if exchange.caller_gone:
@@ -293,21 +291,19 @@ class ProxyHandler:
         duration_s: float,
         exchange: Exchange,
     ) -> None:
-        access_log.info(
-            "request",
-            extra={
-                "trace_id": trace_id,
-                "method": request.method,
-                "route": route_prefix,
-                "path": request.raw_path.partition("?")[0],
-                "status": status,
-                "upstream_status": exchange.upstream_status,
-                "duration_s": round(duration_s, 6),
-                "bytes_in": exchange.bytes_in,
-                "bytes_out": exchange.bytes_out,
-                "retried": exchange.retried,
-            },
-        )
+        fields: dict[str, object] = {
+            "trace_id": trace_id,
+            "method": request.method,
+            "route": route_prefix,
+            "path": request.raw_path.partition("?")[0],
+            "status": status,
+            "upstream_status": exchange.upstream_status,
+            "duration_s": round(duration_s, 6),
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": exchange.bytes_out,
+            "retried": exchange.retried,
+        }
+        logs.write_access(access_log, fields)
 
     def _accept(self, request: web.BaseRequest) -> Route:
         """Apply the inbound policy and return the route; raise RequestRejected otherwise."""
@@ -398,7 +394,7 @@ class _ProxyRequestHandler(RequestHandler):
         if isinstance(manager, _ProxyServer):
             manager.metrics.observe_request("unrouted", "OTHER", status, 0.0)
             error = RequestRejected(status, "bad_request", "The request is not valid HTTP/1.1.")
-        return problem_response(error, instance="-", trace_id=str(uuid.uuid4()), close=True)
+        return problem_response(error, instance="-", trace_id=new_trace_id(), close=True)
 
 
 class _ProxyServer(web.Server):

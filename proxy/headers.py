@@ -8,8 +8,8 @@ headers the proxy sets itself, and only then is exactly one ``Authorization: Bea
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable
 from typing import Final
 
@@ -58,6 +58,11 @@ REQUEST_DROP: Final = frozenset(
 # Framing of the upstream answer is redone by the server side.
 RESPONSE_DROP: Final = frozenset(istr(h) for h in ("Content-Length",))
 
+# The same names in lower case, computed once (see _filtered).
+_HOP_LOWER: Final = frozenset(name.lower() for name in HOP_BY_HOP)
+_REQUEST_DROP_LOWER: Final = _HOP_LOWER | {name.lower() for name in REQUEST_DROP}
+_RESPONSE_DROP_LOWER: Final = _HOP_LOWER | {name.lower() for name in RESPONSE_DROP}
+
 _TRACE_ID_VALUE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,35}")
 _TOKEN_SPLIT: Final = re.compile(r"[\s,]+")
 
@@ -74,11 +79,18 @@ def strip_hop_by_hop(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], extra_drop: Iterable[istr] = ()
 ) -> CIMultiDict[str]:
     """Return a copy without hop-by-hop headers, names listed in Connection and ``extra_drop``."""
+    return _filtered(headers, _HOP_LOWER.union(name.lower() for name in extra_drop))
+
+
+def _filtered(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop_lower: frozenset[str]
+) -> CIMultiDict[str]:
+    """Return a copy without the names in ``drop_lower`` and those listed in Connection."""
     # istr hashes and compares like a plain str (case-sensitive), so "x-ksz-proxy-key" would
     # not be found in a set holding istr("X-KSZ-Proxy-Key"): compare lower-case names instead.
-    names = (*HOP_BY_HOP, *connection_listed(headers), *extra_drop)
-    drop = frozenset(name.lower() for name in names)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    if "Connection" in headers:
+        drop_lower = drop_lower.union(name.lower() for name in connection_listed(headers))
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop_lower])
 
 
 def trace_id_for(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str:
@@ -86,7 +98,16 @@ def trace_id_for(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str:
     values = headers.getall(TRACE_ID, ())
     if len(values) == 1 and _TRACE_ID_VALUE.fullmatch(values[0]):
         return values[0]
-    return str(uuid.uuid4())
+    return new_trace_id()
+
+
+def new_trace_id() -> str:
+    """Return a random UUID4 string, as str(uuid.uuid4()) does, without the UUID object."""
+    h = bytearray(os.urandom(16))
+    h[6] = (h[6] & 0x0F) | 0x40
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def upstream_request_headers(
@@ -97,7 +118,7 @@ def upstream_request_headers(
     content_length: int | None,
 ) -> CIMultiDict[str]:
     """Return the headers to send upstream: filtered, then exactly one Authorization added."""
-    headers = strip_hop_by_hop(inbound, REQUEST_DROP)
+    headers = _filtered(inbound, _REQUEST_DROP_LOWER)
     headers[TRACE_ID] = trace_id
     if content_length is not None:
         headers["Content-Length"] = str(content_length)
@@ -109,4 +130,4 @@ def downstream_response_headers(
     upstream: CIMultiDictProxy[str] | CIMultiDict[str],
 ) -> CIMultiDict[str]:
     """Return the upstream answer's headers to send back, without hop-by-hop and framing."""
-    return strip_hop_by_hop(upstream, RESPONSE_DROP)
+    return _filtered(upstream, _RESPONSE_DROP_LOWER)

@@ -6,9 +6,11 @@ emitted, so an object whose repr could carry a secret never reaches a log line b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
@@ -17,6 +19,8 @@ _STANDARD: Final = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))
 ) | {"message", "asctime", "taskName"}
 _PLAIN: Final = (str, int, float, bool, type(None))
+# One encoder for every line: json.dumps with keyword arguments builds a new one per call.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -40,7 +44,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _ENCODER.encode(entry)
 
 
 class TextFormatter(logging.Formatter):
@@ -57,10 +61,109 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Write the lines emitted during one event-loop iteration with one write.
+
+    Under load many requests end in the same iteration; their access lines then cost one write
+    system call instead of one each. Warnings and errors, and lines from outside a running loop,
+    are written at once, after any pending lines, so the order is kept. ``flush`` (called by
+    ``logging.shutdown`` at exit) writes what is pending.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        # The loop a flush is scheduled on; None when nothing is scheduled.
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.write_line(line, urgent=record.levelno >= logging.WARNING)
+
+    def write_line(self, line: str, *, urgent: bool = False) -> None:
+        """Queue ``line`` for the end of this loop iteration, or write it now."""
+        loop: asyncio.AbstractEventLoop | None = None
+        if not urgent:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+        with self.lock:  # type: ignore[union-attr]
+            self._pending.append(line)
+            if loop is None:
+                self._write_pending()
+            elif self._flush_on is not loop:
+                # A flush scheduled on another loop (one that has since stopped) may never run.
+                self._write_pending(keep_last=True)
+                self._flush_on = loop
+                loop.call_soon(self._flush_scheduled)
+
+    def _flush_scheduled(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._flush_on = None
+            self._write_pending()
+
+    def _write_pending(self, *, keep_last: bool = False) -> None:
+        lines = self._pending[:-1] if keep_last else self._pending
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        self._pending = self._pending[-1:] if keep_last else []
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
+        super().flush()
+
+
+# The handler setup() installed when it writes JSON: access lines are built for it directly.
+_JSON_HANDLER: LoopStreamHandler | None = None
+# The current second, formatted once: [epoch second, "YYYY-MM-DDTHH:MM:SS"].
+_SECOND: list[Any] = [-1, ""]
+
+
+def _now_rfc3339() -> str:
+    """Return the time as JsonFormatter writes it (milliseconds, UTC), formatting once a second."""
+    now = time.time()
+    second = int(now)
+    if second != _SECOND[0]:
+        _SECOND[0] = second
+        _SECOND[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_SECOND[1]}.{int((now - second) * 1000):03d}+00:00"
+
+
+def write_access(logger: logging.Logger, fields: dict[str, Any]) -> None:
+    """Log one access line (message ``request``) with ``fields``, all plain values.
+
+    The line is the one JsonFormatter would write, built without a LogRecord when the JSON
+    handler of setup() is the only output (the access log is about a tenth of the proxy's CPU
+    otherwise); through ``logger`` as usual in every other case (text format, tests capturing).
+    """
+    handler = _JSON_HANDLER
+    root = logging.root.handlers
+    if handler is None or logger.handlers or not logger.propagate or root != [handler]:
+        logger.info("request", extra=fields)
+        return
+    entry: dict[str, Any] = {
+        "level": "info",
+        "time": _now_rfc3339(),
+        "logger": logger.name,
+        "message": "request",
+    }
+    entry.update(fields)
+    handler.write_line(_ENCODER.encode(entry))
+
+
 def setup(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Send every log record to ``stream`` (stderr) in the chosen format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    global _JSON_HANDLER
+    handler = LoopStreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    _JSON_HANDLER = handler if fmt == "json" else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -204,6 +204,100 @@ def test_setup_text_honours_the_level() -> None:
     assert logging.getLogger("aiohttp.access").level == logging.WARNING
 
 
+class CountingStream(io.StringIO):
+    """A stream that counts its write calls."""
+
+    writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+ACCESS_FIELDS: Final = {
+    "trace_id": "t-1",
+    "method": "GET",
+    "route": "/REST/demo/v1",
+    "path": "/REST/demo/v1/x",
+    "status": 200,
+    "upstream_status": 200,
+    "duration_s": 0.001234,
+    "bytes_in": 0,
+    "bytes_out": 17,
+    "retried": False,
+}
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_access_lines_of_one_loop_iteration_are_written_at_once() -> None:
+    stream = CountingStream()
+    logs.setup("info", "json", stream)
+    access = logging.getLogger("ksz_proxy.access")
+    for _ in range(3):
+        logs.write_access(access, ACCESS_FIELDS)
+    assert (stream.getvalue(), stream.writes) == ("", 0)  # nothing before the iteration ends
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    assert [json.loads(line)["trace_id"] for line in stream.getvalue().splitlines()] == ["t-1"] * 3
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_the_direct_access_line_is_the_line_the_formatter_writes() -> None:
+    stream = io.StringIO()
+    logs.setup("info", "json", stream)
+    access = logging.getLogger("ksz_proxy.access")
+    logs.write_access(access, ACCESS_FIELDS)
+    await asyncio.sleep(0)
+    direct = json.loads(stream.getvalue())
+    record = access.makeRecord(access.name, logging.INFO, "x", 0, "request", (), None)
+    record.__dict__.update(ACCESS_FIELDS)
+    formatted = json.loads(JsonFormatter().format(record))
+    assert list(direct) == list(formatted)  # the same keys in the same order
+    assert {k: v for k, v in direct.items() if k != "time"} == {
+        k: v for k, v in formatted.items() if k != "time"
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", direct["time"])
+    written = datetime.fromisoformat(direct["time"])
+    assert abs((written - datetime.fromisoformat(formatted["time"])).total_seconds()) < 5
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_access_lines_go_through_logging_when_someone_else_listens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logs.setup("info", "json", io.StringIO())
+    caplog.set_level(logging.INFO)
+    logging.getLogger().addHandler(caplog.handler)  # a second output: the direct path steps aside
+    logs.write_access(logging.getLogger("ksz_proxy.access"), ACCESS_FIELDS)
+    (record,) = records_of(caplog, "ksz_proxy.access", "request")
+    assert record.status == 200
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_warning_is_written_at_once_after_the_pending_lines() -> None:
+    stream = CountingStream()
+    logs.setup("info", "json", stream)
+    logging.getLogger("ksz_proxy.test").info("first")
+    logging.getLogger("ksz_proxy.test").warning("second")
+    assert stream.writes == 1
+    assert [json.loads(x)["message"] for x in stream.getvalue().splitlines()] == [
+        "first",
+        "second",
+    ]
+    await asyncio.sleep(0)
+    assert stream.writes == 1  # the scheduled flush finds nothing left
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_flush_writes_what_is_pending() -> None:
+    # logging.shutdown() flushes every handler at exit: a line of the last iteration is kept.
+    stream = io.StringIO()
+    logs.setup("info", "json", stream)
+    logging.getLogger("ksz_proxy.test").info("last words")
+    logging.getLogger().handlers[0].flush()
+    assert json.loads(stream.getvalue())["message"] == "last words"
+
+
 # -- what the proxy logs ------------------------------------------------------------------------
 
 
