@@ -22,6 +22,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -449,16 +450,29 @@ class RunningProxy:
         await self.admin_runner.cleanup()
 
 
-async def start(config: Config, credentials: Credentials, *, drain_s: float = 20.0) -> RunningProxy:
-    """Create the resources and start both listeners; return once they accept connections."""
+async def start(
+    config: Config,
+    credentials: Credentials,
+    *,
+    drain_s: float = 20.0,
+    admin_socket: Path | None = None,
+) -> RunningProxy:
+    """Create the resources and start both listeners; return once they accept connections.
+
+    With ``admin_socket`` (a worker of ``listen.workers`` > 1) the admin application listens on
+    that Unix socket instead of ``admin.port``, and the proxy port is bound with SO_REUSEPORT.
+    """
     check_c_parser()
     state = State()
     admin_app = make_admin_app(config, credentials, state)
     admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await admin_runner.setup()
     try:
-        admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
-        await _listen(admin_site, "admin", config.admin.host, config.admin.port)
+        if admin_socket is None:
+            admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
+            await _listen(admin_site, "admin", config.admin.host, config.admin.port)
+        else:
+            await web.UnixSite(admin_runner, str(admin_socket)).start()
         server = _ProxyServer(
             ProxyHandler(admin_app),
             metrics=admin_app[METRICS],
@@ -478,13 +492,17 @@ async def start(config: Config, credentials: Credentials, *, drain_s: float = 20
         await proxy_runner.setup()
         # A deeper accept queue than aiohttp's 128: bursts of new connections are not dropped.
         proxy_site = web.TCPSite(
-            proxy_runner, config.listen.host, config.listen.port, backlog=LISTEN_BACKLOG
+            proxy_runner,
+            config.listen.host,
+            config.listen.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=admin_socket is not None,
         )
         await _listen(proxy_site, "listen", config.listen.host, config.listen.port)
     except BaseException:
         await admin_runner.cleanup()
         raise
-    state.proxy_port = _bound_port(proxy_runner)
+    state.proxy_port = bound_port(proxy_runner)
     if not config.listen.is_loopback:
         log.warning(
             "the proxy listener is bound to a non-loopback address: anyone who can reach it "
@@ -497,8 +515,10 @@ async def start(config: Config, credentials: Credentials, *, drain_s: float = 20
         proxy_runner=proxy_runner,
         admin_app=admin_app,
         state=state,
-        proxy_url=f"http://{_authority(config.listen.host, state.proxy_port)}",
-        admin_url=f"http://{_authority(config.admin.host, _bound_port(admin_runner))}",
+        proxy_url=f"http://{authority(config.listen.host, state.proxy_port)}",
+        admin_url=f"http://{authority(config.admin.host, bound_port(admin_runner))}"
+        if admin_socket is None
+        else f"unix:{admin_socket}",
     )
 
 
@@ -540,16 +560,18 @@ async def _listen(site: web.TCPSite, key: str, host: str, port: int) -> None:
         await site.start()
     except OSError as exc:
         raise ConfigError(
-            f"{key}.port: cannot listen on {_authority(host, port)} ({exc.strerror or exc})"
+            f"{key}.port: cannot listen on {authority(host, port)} ({exc.strerror or exc})"
         ) from None
 
 
-def _bound_port(runner: web.BaseRunner) -> int:
+def bound_port(runner: web.BaseRunner) -> int:
+    """Return the TCP port ``runner`` listens on (0 when it has none)."""
     for address in runner.addresses:
         if isinstance(address, tuple):
             return int(address[1])
     return 0
 
 
-def _authority(host: str, port: int) -> str:
+def authority(host: str, port: int) -> str:
+    """Return ``host:port``, with brackets around an IPv6 address."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

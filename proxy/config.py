@@ -169,6 +169,7 @@ class ListenConfig:
     keepalive_timeout_s: float = 15.0
     drain_timeout_s: float = 20.0
     max_in_flight: int = 256
+    workers: int = 1
     shared_secret_file: Path | None = None
     shared_secret: Secret | None = field(default=None, repr=False)
 
@@ -471,6 +472,10 @@ def _listen(t: _Table) -> ListenConfig:
     keepalive = t.number("keepalive_timeout_s", 15.0, low=0.1, high=3600)
     drain = t.number("drain_timeout_s", 20.0, low=0, high=3600)
     max_in_flight = t.integer("max_in_flight", 256, low=1, high=100000)
+    workers = t.integer("workers", 1, low=1, high=64)
+    if workers > 1 and port == 0:
+        # Workers share the port through SO_REUSEPORT; port 0 would give each its own.
+        raise ConfigError("listen.workers: more than one worker needs a fixed listen.port, not 0")
     secret_file = t.path("shared_secret_file")
     t.finish()
     secret = (
@@ -489,6 +494,7 @@ def _listen(t: _Table) -> ListenConfig:
         keepalive_timeout_s=keepalive,
         drain_timeout_s=drain,
         max_in_flight=max_in_flight,
+        workers=workers,
         shared_secret_file=secret_file,
         shared_secret=secret,
     )
