@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from loads import cold_burst, measure, profile, stream_measure
-from procs import Processes, rss_kib
+from procs import Processes
 from results import render
-from stack import BENCH, BODIES, LABELS, GiB, check_targets, start_stack
+from stack import BENCH, BODIES, LABELS, GiB, check_targets, start_stack, tree_rss_kib
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -112,7 +112,7 @@ def _run(settings: argparse.Namespace, procs: Processes, folder: Path, command: 
         bodies=settings.bodies,
     )
     extras: dict[str, Any] = {
-        "rss_after_load": {name: rss_kib(ksz.proc.pid) for name, ksz in stack.ksz.items()}
+        "rss_after_load": {name: tree_rss_kib(ksz.proc) for name, ksz in stack.ksz.items()}
     }
     profile_text = None
     if settings.profile:
