@@ -80,6 +80,20 @@ def worker_pids(proxy: ProxyProcess) -> list[int]:
     return [int(p) for p in started["pids"].split()]
 
 
+def running_with(config: Path) -> list[int]:
+    """Return the processes whose command line names ``config``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(config).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -167,6 +181,24 @@ async def test_a_taken_port_exits_2_naming_the_key(workers_config: Path) -> None
         code, lines = await run_to_exit(workers_config)
     assert code == 2
     assert any("listen.port: cannot listen on 127.0.0.1:" in line for line in lines), lines
+    assert running_with(workers_config) == []
+
+
+@pytest.mark.slow
+async def test_a_taken_admin_port_exits_2_naming_the_key(workers_config: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        set_admin_port(workers_config, int(taken.getsockname()[1]))
+        code, lines = await run_to_exit(workers_config)
+    assert code == 2
+    assert any("admin.port: cannot listen on 127.0.0.1:" in line for line in lines), lines
+    assert running_with(workers_config) == []  # the workers were stopped too
+
+
+def set_admin_port(config: Path, port: int) -> None:
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("[admin]\nport = 0\n", f"[admin]\nport = {port}\n"))
 
 
 @pytest.mark.slow
