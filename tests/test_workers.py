@@ -146,6 +146,8 @@ async def test_two_workers_share_the_port_and_the_admin_listener_merges_them(
         assert "certificate" in health["details"]
         status, _ = await get(session, proxy.admin_url + "/livez")
         assert status == 200
+        for path in ("/livez", "/readyz", "/health", "/metrics"):  # SECURITY 40, per worker too
+            assert await fresh_connection_get(proxy.proxy_url + path) == 404
 
         proxy.send(signal.SIGHUP)
         await until(
