@@ -129,6 +129,8 @@ def fork_workers(
             except ConfigError as exc:
                 print(f"ksz-proxy: worker {index}: {exc.detail}", file=sys.stderr)
                 code = EXIT_USAGE
+            except KeyboardInterrupt:
+                pass  # Ctrl-C during start-up, before the worker's own handlers: exit 1 quietly
             except BaseException:
                 log.exception("worker failed", extra={"worker": index})
             finally:
