@@ -8,6 +8,8 @@ The rules (the inbound policy in ``inbound.py`` has already accepted the request
   chunked otherwise; bodies up to ``upstream.replay_max_bytes`` are buffered so that an upstream
   401 can be answered by one fresh token and one resend; larger bodies stream through with
   backpressure, bounded by ``listen.max_body_bytes`` (413) and ``listen.body_read_timeout_s`` (408);
+- the answer streams back; one of known length up to ``CHUNK`` is read whole first and sent in
+  one write together with its headers;
 - redirects are never followed and nothing is decompressed, in either direction;
 - transport faults become ``UpstreamError`` with a stable reason (dns, connect, tls, reset,
   protocol) or ``UpstreamTimeout``; a request is never retried after a transport fault.
@@ -128,8 +130,7 @@ class Forwarder:
         if declared is not None and declared > self._max_body:
             raise _too_large()
         token = await self._tokens.get(route.scopes)
-        deadline = asyncio.get_running_loop().time() + self._body_timeout_s
-        body = await self._read_start(request, declared, deadline)
+        body = await self._read_start(request, declared)
         exchange.bytes_in = len(body.buffered)
         url = URL(route.upstream + request.raw_path, encoded=True)
 
@@ -145,12 +146,11 @@ class Forwarder:
         exchange.upstream_status = upstream.status
         return await self._relay(request, upstream, exchange)
 
-    async def _read_start(
-        self, request: web.BaseRequest, declared: int | None, deadline: float
-    ) -> _Body:
+    async def _read_start(self, request: web.BaseRequest, declared: int | None) -> _Body:
         """Buffer a replayable body; otherwise keep the first bytes and a stream of the rest."""
         if not request.body_exists:
             return _Body(buffered=b"", rest=None)
+        deadline = asyncio.get_running_loop().time() + self._body_timeout_s
         if declared is not None and declared > self._replay_max:
             body = _Body(buffered=b"", rest=None)
             body.rest = self._stream_rest(request, body, 0, deadline)
@@ -239,13 +239,30 @@ class Forwarder:
         """Stream the upstream answer to the caller; on a fault mid-body, cut the connection."""
         response: web.StreamResponse | None = None
         try:
+            no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
+            length = upstream.content_length
+            if length is not None and length <= CHUNK and not no_body:
+                # A small answer of known length is read whole and sent with its headers in one
+                # write: one send system call per request instead of two (headers, then body).
+                # Nothing has reached the caller before the body is complete, so a fault while
+                # reading it is answered like any upstream fault rather than by a cut.
+                whole = await upstream.content.read()
+                response = web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=downstream_response_headers(upstream.headers),
+                    body=whole,
+                )
+                await _to_caller(response.prepare(request))
+                exchange.status_sent = upstream.status
+                exchange.bytes_out = len(whole)
+                await _to_caller(response.write_eof())
+                return response
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=downstream_response_headers(upstream.headers),
             )
-            no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
-            length = upstream.content_length
             if length is not None and not no_body:
                 response.content_length = length
             await _to_caller(response.prepare(request))

@@ -89,7 +89,13 @@ def _filtered(
     # istr hashes and compares like a plain str (case-sensitive), so "x-ksz-proxy-key" would
     # not be found in a set holding istr("X-KSZ-Proxy-Key"): compare lower-case names instead.
     if "Connection" in headers:
-        drop_lower = drop_lower.union(name.lower() for name in connection_listed(headers))
+        # "keep-alive" (most servers' answer) names a header that is dropped anyway: skip the
+        # split for any value that is one such name.
+        listed = [v for v in headers.getall("Connection") if v.strip().lower() not in drop_lower]
+        if listed:
+            drop_lower = drop_lower.union(
+                n.lower() for value in listed for n in _TOKEN_SPLIT.split(value) if n
+            )
     return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop_lower])
 
 

@@ -74,7 +74,11 @@ def check_fragment(raw_target: str) -> None:
 
 def check_path(raw_path: str) -> None:
     """Refuse a raw path that could mean something else once decoded or normalised."""
-    if "#" in raw_path or _CONTROL.search(raw_path) or _BAD_PERCENT.search(raw_path):
+    if (
+        "#" in raw_path
+        or _CONTROL.search(raw_path)
+        or ("%" in raw_path and _BAD_PERCENT.search(raw_path))
+    ):
         raise RequestRejected(400, "bad_path", "The request path is not acceptable.")
     # Some servers decode twice (``%252e`` is ``.`` to them) or decode before they strip
     # ``;params`` (``..%3b`` is ``..``): check the structure of every decoding, byte by byte.
@@ -90,8 +94,10 @@ def check_path(raw_path: str) -> None:
 
 
 def _ambiguous_structure(path: str) -> bool:
-    if "\\" in path or "//" in path or _ENCODED_STRUCTURE.search(path):
+    if "\\" in path or "//" in path or ("%" in path and _ENCODED_STRUCTURE.search(path)):
         return True
+    if "/." not in path and not path.startswith("."):
+        return False  # no segment starts with a dot, so none is "." or ".." (with ";x" or not)
     # "..;x" is ".." to servlet containers that strip path parameters.
     return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))
 

@@ -20,7 +20,12 @@ _STANDARD: Final = frozenset(
 ) | {"message", "asctime", "taskName"}
 _PLAIN: Final = (str, int, float, bool, type(None))
 # One encoder for every line: json.dumps with keyword arguments builds a new one per call.
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
+# ASCII only: a U+2028 or U+0085 in a path stays one escaped character, so a reader splitting on
+# any line break (Python's splitlines, some shippers) still sees one line per entry.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=True, default=str)
+# Several workers (listen.workers) share stderr: a pipe write up to PIPE_BUF bytes is never
+# interleaved with another process's, so batches are cut at this size on line boundaries.
+_ATOMIC_WRITE_BYTES: Final = 4096
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -109,10 +114,22 @@ class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _write_pending(self, *, keep_last: bool = False) -> None:
         lines = self._pending[:-1] if keep_last else self._pending
-        if lines:
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
+        batch: list[str] = []
+        size = 0
+        for line in lines:
+            # ASCII lines (see _ENCODER): characters are bytes. A longer line goes alone.
+            if batch and size + len(line) + 1 > _ATOMIC_WRITE_BYTES:
+                self._write_batch(batch)
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line) + 1
+        if batch:
+            self._write_batch(batch)
         self._pending = self._pending[-1:] if keep_last else []
+
+    def _write_batch(self, lines: list[str]) -> None:
+        self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -136,6 +153,19 @@ def _now_rfc3339() -> str:
     return f"{_SECOND[1]}.{int((now - second) * 1000):03d}+00:00"
 
 
+# The keys every JSON line starts with; a field of the same name takes the slow path below.
+_PROMISED: Final = frozenset({"level", "time", "logger", "message"})
+# Logger names as JSON strings, encoded once.
+_NAMES: dict[str, str] = {}
+
+
+def _json_name(name: str) -> str:
+    encoded = _NAMES.get(name)
+    if encoded is None:
+        encoded = _NAMES[name] = _ENCODER.encode(name)
+    return encoded
+
+
 def write_access(logger: logging.Logger, fields: dict[str, Any]) -> None:
     """Log one access line (message ``request``) with ``fields``, all plain values.
 
@@ -147,6 +177,12 @@ def write_access(logger: logging.Logger, fields: dict[str, Any]) -> None:
     root = logging.root.handlers
     if handler is None or logger.handlers or not logger.propagate or root != [handler]:
         logger.info("request", extra=fields)
+        return
+    if fields and _PROMISED.isdisjoint(fields):
+        # The fixed head is formatted, and only the caller's fields go through the encoder, so
+        # every caller-controlled value (path, method, trace id) is still escaped by json.
+        head = f'{{"level": "info", "time": "{_now_rfc3339()}", "logger": {_json_name(logger.name)}'
+        handler.write_line(f'{head}, "message": "request", {_ENCODER.encode(fields)[1:]}')
         return
     entry: dict[str, Any] = {
         "level": "info",

@@ -95,6 +95,34 @@ def test_names_listed_in_connection_are_removed() -> None:
     assert list(strip_hop_by_hop(headers).items()) == [("X-Kept", "5")]
 
 
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("keep-alive", ["Close", "X-Foo", "X-Kept"]),
+        (" Keep-Alive ", ["Close", "X-Foo", "X-Kept"]),
+        ("te", ["Close", "X-Foo", "X-Kept"]),
+        ("close", ["X-Foo", "X-Kept"]),
+        ("Close, X-Foo", ["X-Kept"]),
+        ("keep-alive x-foo", ["Close", "X-Kept"]),
+    ],
+)
+def test_a_connection_value_naming_one_header_is_handled_like_a_list(
+    value: str, kept: list[str]
+) -> None:
+    headers = CIMultiDict(
+        [
+            ("Connection", value),
+            ("Keep-Alive", "timeout=5"),
+            ("Close", "1"),
+            ("X-Foo", "2"),
+            ("TE", "trailers"),
+            ("X-Kept", "3"),
+        ]
+    )
+    assert list(strip_hop_by_hop(headers)) == kept
+    assert list(downstream_response_headers(CIMultiDictProxy(headers))) == kept
+
+
 def test_extra_names_are_removed_and_the_input_is_left_alone() -> None:
     headers = CIMultiDict([("X-A", "1"), ("x-b", "2"), ("Connection", "close")])
     proxy = CIMultiDictProxy(headers)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes
 
 import pytest
 from hypothesis import example, given, settings
@@ -172,6 +173,45 @@ def test_normal_paths_are_accepted(path: str) -> None:
 )
 def test_ambiguous_paths_are_refused(path: str) -> None:
     assert_rejected(lambda: check_path(path), 400, "bad_path")
+
+
+def _reference_refuses(path: str) -> bool:
+    """Return whether check_path refuses ``path``, by its rules spelled out without shortcuts."""
+    if (
+        "#" in path
+        or re.search(r"[\x00-\x20\x7f]", path)
+        or re.search(r"%(?![0-9A-Fa-f]{2})", path)
+    ):
+        return True
+    for _ in range(4):
+        if (
+            "\\" in path
+            or "//" in path
+            or re.search(r"%(2e|2f|5c|00)", path, re.IGNORECASE)
+            or any(s.split(";", 1)[0] in (".", "..") for s in path.split("/"))
+        ):
+            return True
+        decoded = unquote(path, encoding="latin-1")
+        if decoded == path:
+            return False
+        path = decoded
+    return True
+
+
+@given(st.text(alphabet="/.;%25ef0a\\", max_size=14))
+@example("..")
+@example(".")
+@example(".;x/a")
+@example("../a")
+@example("a/..")
+@settings(max_examples=500)
+def test_check_path_shortcuts_agree_with_the_rules(path: str) -> None:
+    try:
+        check_path(path)
+        refused = False
+    except RequestRejected:
+        refused = True
+    assert refused == _reference_refuses(path)
 
 
 def test_a_very_deeply_encoded_path_is_refused_not_decoded_forever() -> None:

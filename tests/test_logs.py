@@ -261,6 +261,66 @@ async def test_the_direct_access_line_is_the_line_the_formatter_writes() -> None
     assert abs((written - datetime.fromisoformat(formatted["time"])).total_seconds()) < 5
 
 
+HOSTILE: Final = (
+    '"}, "level": "error", "x": "',
+    "\\",
+    "/a\nb\r\x00\x1f\x7f",
+    "\u2028\u2029 é 🙂",
+    "\udcff",
+    "",
+)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("value", HOSTILE)
+async def test_the_direct_access_line_stays_one_json_object_for_any_value(value: str) -> None:
+    stream = io.StringIO()
+    logs.setup("info", "json", stream)
+    fields = {**ACCESS_FIELDS, "trace_id": value, "method": value, "path": value}
+    logs.write_access(logging.getLogger("ksz_proxy.access"), fields)
+    await asyncio.sleep(0)
+    # One line however lines are cut: everything outside ASCII is escaped (U+2028 too).
+    (line,) = stream.getvalue().splitlines()
+    assert line.isascii() and stream.getvalue().endswith("\n")
+    entry = json.loads(line)
+    assert entry == {
+        "level": "info",
+        "time": entry["time"],
+        "logger": "ksz_proxy.access",
+        "message": "request",
+        **fields,
+    }
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_batches_stay_within_one_atomic_pipe_write() -> None:
+    # Workers share stderr; a write of at most PIPE_BUF (4096) bytes is never interleaved.
+    stream = CountingStream()
+    logs.setup("info", "json", stream)
+    access = logging.getLogger("ksz_proxy.access")
+    for i in range(40):
+        logs.write_access(access, {**ACCESS_FIELDS, "trace_id": f"t-{i}", "path": "/p" * 200})
+    await asyncio.sleep(0)
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["trace_id"] for line in lines] == [f"t-{i}" for i in range(40)]
+    per_write = 4096 // (len(lines[0]) + 1)
+    assert stream.writes == -(-40 // per_write) > 1
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("fields", [{}, {"time": "forged", "status": 200}, {"message": "x"}])
+async def test_access_fields_named_like_the_head_still_give_one_json_object(
+    fields: dict[str, Any],
+) -> None:
+    stream = io.StringIO()
+    logs.setup("info", "json", stream)
+    logs.write_access(logging.getLogger("ksz_proxy.access"), fields)
+    await asyncio.sleep(0)
+    entry = json.loads(stream.getvalue())
+    assert list(entry)[:4] == ["level", "time", "logger", "message"]
+    assert entry["level"] == "info"
+
+
 @pytest.mark.usefixtures("restore_logging")
 async def test_access_lines_go_through_logging_when_someone_else_listens(
     caplog: pytest.LogCaptureFixture,
