@@ -319,7 +319,7 @@ async def _ask(supervisor: Supervisor, worker: Worker, path: str) -> tuple[int, 
     """GET ``path`` from a worker's admin socket; None when it does not answer."""
     session = supervisor.sessions[worker.index]
     try:
-        async with session.get(f"http://worker{path}") as response:
+        async with session.get(f"http://worker{path}", allow_redirects=False) as response:
             return response.status, await response.read()
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None
