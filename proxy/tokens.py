@@ -324,7 +324,8 @@ class TokenProvider:
         entry.fetch = task
 
         def done(t: asyncio.Task[Token]) -> None:
-            entry.fetch = None
+            if entry.fetch is t:  # never clear a later fetch
+                entry.fetch = None
             if not t.cancelled():
                 t.exception()  # retrieved here so an unawaited failure is not reported as lost
 
@@ -337,6 +338,12 @@ class TokenProvider:
             now = self._clock()
             token = self._tokens.get(entry.scopes)
             due = max(token.refresh_at if token else now, entry.retry_at)
+            if entry.fetch is not None and entry.fetch.done():
+                # Finished, but its done callback (which clears entry.fetch) has not run yet.
+                # Awaiting a finished task does not yield to the loop, so without this the loop
+                # would spin here for ever, every request stuck: let the callback run first.
+                await asyncio.sleep(0)
+                continue
             if entry.fetch is not None or now >= due:
                 fetch = entry.fetch or self._start_fetch(entry)
                 try:

@@ -232,6 +232,59 @@ async def test_background_refresh_runs_without_callers(
     assert status.usable and status.last_outcome == "success"
 
 
+@pytest.mark.timeout(30)  # a regression spins the event loop: only the timeout ends it
+async def test_failing_refreshes_raced_by_callers_never_block_the_loop(
+    authserver: AuthServerHandle, partner_files: PartnerFiles, ca_file: Path
+) -> None:
+    # Callers past refresh_at start refreshes of their own; each fails at once (503). When the
+    # background refresher woke between a fetch finishing and its done callback, it awaited the
+    # finished task -- which does not yield -- and looped on it for ever (found by the soak).
+    config = make_config(
+        authserver.token_url,
+        partner_files,
+        ca_file,
+        retry_initial_s=0.01,
+        retry_max_s=0.02,
+        refresh_ratio=0.1,
+    )
+    authserver.server.expires_in = 10  # refreshed from 1 s on, usable for about 9 s
+    loop = asyncio.get_running_loop()
+    longest_stall = 0.0
+
+    async def watch() -> None:
+        nonlocal longest_stall
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            longest_stall = max(longest_stall, loop.time() - before)
+
+    async with make_session(config) as session:
+        provider = TokenProvider(config, load_credentials(config.client), session, tick_s=0.01)
+        provider.start([SCOPES])
+        watcher = asyncio.create_task(watch())
+        try:
+            first = await provider.get(SCOPES)
+            authserver.server.inject(Fault(kind="status", status=503), times=10**6)
+
+            async def caller() -> None:
+                while True:
+                    assert await provider.get(SCOPES) is first  # the cached token serves
+                    await asyncio.sleep(0.001)
+
+            callers = [asyncio.create_task(caller()) for _ in range(8)]
+            await asyncio.sleep(3)
+            for task in callers:
+                assert not task.done()  # no caller failed
+                task.cancel()
+            await asyncio.gather(*callers, return_exceptions=True)
+        finally:
+            watcher.cancel()
+            await provider.close()
+    refused = [r for r in authserver.server.requests if r.outcome == "fault:status"]
+    assert len(refused) > 20  # the refreshes really raced and failed
+    assert longest_stall < 2.0
+
+
 async def test_a_wall_clock_jump_changes_nothing(
     authserver: AuthServerHandle, make_provider: ProviderFactory
 ) -> None:
