@@ -175,6 +175,8 @@ async def _serve(
     gc.freeze()
     stop = asyncio.Event()
     watching: asyncio.Task[None] | None = None
+    # With listen.workers, every line of a worker's own says which worker it is.
+    who: dict[str, object] = {} if worker is None else {"worker": worker.index}
     if worker is None:
         summary = _summary(config, credentials, running.proxy_url)
         log.info("ksz-proxy started", extra={**summary, "admin": running.admin_url})
@@ -187,13 +189,13 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, reload_credentials, running)
     try:
         await stop.wait()
-        log.info("stopping: draining in-flight requests", extra={"drain_s": drain_s})
+        log.info("stopping: draining in-flight requests", extra={"drain_s": drain_s, **who})
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         if watching is not None:
             watching.cancel()
         await running.close()
-    log.info("ksz-proxy stopped" if worker is None else "worker stopped")
+    log.info("ksz-proxy stopped" if worker is None else "worker stopped", extra=who)
     return EXIT_OK
 
 

@@ -50,7 +50,8 @@ from proxy.credentials import Credentials
 from proxy.errors import ConfigError, RequestRejected
 from proxy.problems import problem_response
 
-log = logging.getLogger("ksz_proxy")
+# The `run` command's own lines, as with one process (README, "Logs").
+log = logging.getLogger("ksz_proxy.cli")
 
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2

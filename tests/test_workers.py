@@ -159,6 +159,9 @@ async def test_two_workers_share_the_port_and_the_admin_listener_merges_them(
     assert not any(alive(pid) for pid in pids)
     messages = [e["message"] for e in proxy.entries]
     assert messages.count("worker started") == messages.count("worker stopped") == WORKERS
+    stopped = [e for e in proxy.entries if e["message"] == "worker stopped"]
+    assert sorted(e["worker"] for e in stopped) == [0, 1]
+    assert {e["logger"] for e in proxy.entries if "worker" in e["message"]} == {"ksz_proxy.cli"}
     assert messages[-1] == "ksz-proxy stopped"
 
 
