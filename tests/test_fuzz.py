@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from tests.proxyfixtures import DEMO, OTHER, Chain, ChainFactory
-from tests.test_hostile import close_writer, parse_responses
+from tests.rawhttp import close_writer, parse_responses
 from tests.test_inbound import interpretations
 
 T = TypeVar("T")

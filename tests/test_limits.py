@@ -23,7 +23,7 @@ from proxy.sandbox.serve import serve
 from proxy.sandbox.upstream import FakeUpstream, stream_chunks, stream_sha256
 from tests.conftest import AuthServerHandle
 from tests.proxyfixtures import DEMO, Chain, ChainFactory
-from tests.test_hostile import (
+from tests.rawhttp import (
     assert_problem,
     build,
     close_writer,
