@@ -106,6 +106,17 @@ class _Entry:
     last_outcome: str | None = None
     last_attempt_wall: float | None = None
 
+    @property
+    def in_flight(self) -> asyncio.Task[Token] | None:
+        """Return the token request under way; a finished one is none, callback run or not.
+
+        Awaiting a finished task does not yield to the event loop: a loop that took a finished
+        fetch (its done callback, which clears ``fetch``, still pending) for one under way would
+        await it again and again and never let the callback run, every request stuck.
+        """
+        fetch = self.fetch
+        return fetch if fetch is not None and not fetch.done() else None
+
 
 def parse_retry_after(value: str | None, *, now_wall: float) -> float | None:
     """Return the seconds a ``Retry-After`` value asks to wait (delta-seconds or HTTP-date)."""
@@ -233,10 +244,11 @@ class TokenProvider:
         now = self._clock()
         entry = self._entry(scopes)
         if token is not None:
-            if now >= token.refresh_at and entry.fetch is None and now >= entry.retry_at:
+            if now >= token.refresh_at and entry.in_flight is None and now >= entry.retry_at:
                 self._start_fetch(entry)
             return token
-        if entry.fetch is None:
+        fetch = entry.in_flight
+        if fetch is None:
             if entry.last_error is not None and now < entry.retry_at:
                 raise TokenUnavailable(
                     entry.last_error.reason,
@@ -245,7 +257,7 @@ class TokenProvider:
                     retry_after_s=entry.retry_at - now,
                 )
             return await asyncio.shield(self._start_fetch(entry))
-        return await asyncio.shield(entry.fetch)
+        return await asyncio.shield(fetch)
 
     def invalidate(self, token: Token) -> bool:
         """Drop ``token`` if it is still the cached one (the upstream answered 401).
@@ -297,7 +309,7 @@ class TokenProvider:
         self._credentials = credentials
         for entry in self._entries.values():
             entry.retry_at = 0.0
-            if entry.fetch is None:
+            if entry.in_flight is None:
                 self._start_fetch(entry)
 
     async def close(self) -> None:
@@ -324,7 +336,7 @@ class TokenProvider:
         entry.fetch = task
 
         def done(t: asyncio.Task[Token]) -> None:
-            if entry.fetch is t:  # never clear a later fetch
+            if entry.fetch is t:  # a later fetch may already have started: keep it
                 entry.fetch = None
             if not t.cancelled():
                 t.exception()  # retrieved here so an unawaited failure is not reported as lost
@@ -338,14 +350,9 @@ class TokenProvider:
             now = self._clock()
             token = self._tokens.get(entry.scopes)
             due = max(token.refresh_at if token else now, entry.retry_at)
-            if entry.fetch is not None and entry.fetch.done():
-                # Finished, but its done callback (which clears entry.fetch) has not run yet.
-                # Awaiting a finished task does not yield to the loop, so without this the loop
-                # would spin here for ever, every request stuck: let the callback run first.
-                await asyncio.sleep(0)
-                continue
-            if entry.fetch is not None or now >= due:
-                fetch = entry.fetch or self._start_fetch(entry)
+            fetch = entry.in_flight
+            if fetch is not None or now >= due:
+                fetch = fetch or self._start_fetch(entry)
                 try:
                     await asyncio.shield(fetch)
                 except TokenUnavailable:
