@@ -160,17 +160,18 @@ async def _livez(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     app = request.app
     if app[STATE].draining:
-        return _not_ready("draining", "The proxy is shutting down.")
+        return not_ready("draining", "The proxy is shutting down.")
     provider = app[TOKENS]
     for scopes in app[CONFIG].scope_sets:
         if provider.peek(scopes) is None:
-            return _not_ready("no_token", "No usable token yet for every configured scope set.")
+            return not_ready("no_token", "No usable token yet for every configured scope set.")
     return web.json_response({"status": "UP"})
 
 
-def _not_ready(reason: str, detail: str) -> web.Response:
+def not_ready(reason: str, detail: str, *, instance: str = "/readyz") -> web.Response:
+    """Return an admin path's 503 problem answer, asking to come back in a second."""
     error = RequestRejected(503, reason, detail, retry_after_s=1)
-    return problem_response(error, instance="/readyz", trace_id="-")
+    return problem_response(error, instance=instance, trace_id="-")
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -44,11 +44,10 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from proxy.app import authority, bound_port
+from proxy.app import authority, bound_port, not_ready
 from proxy.config import Config
 from proxy.credentials import Credentials
-from proxy.errors import ConfigError, RequestRejected
-from proxy.problems import problem_response
+from proxy.errors import ConfigError
 
 # The `run` command's own lines, as with one process (README, "Logs").
 log = logging.getLogger("ksz_proxy.cli")
@@ -82,11 +81,15 @@ class Supervisor:
     config: Config
     workers: list[Worker]
     runtime: Path
-    stopping: bool = False
     # Set when the supervisor must stop: a signal, or a worker that exited on its own.
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int = 0
     sessions: dict[int, aiohttp.ClientSession] = field(default_factory=dict)
+
+    @property
+    def stopping(self) -> bool:
+        """Return True once the proxy is stopping (readiness then says draining)."""
+        return self.stop.is_set()
 
     def running(self) -> list[Worker]:
         """Return the workers that have not exited."""
@@ -209,7 +212,7 @@ async def supervise(supervisor: Supervisor, summary: dict[str, Any]) -> int:
         print(f"ksz-proxy: {exc.detail}", file=sys.stderr)
         supervisor.exit_code = EXIT_USAGE
     finally:
-        supervisor.stopping = True
+        supervisor.stop.set()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await _stop_workers(supervisor)
@@ -230,7 +233,6 @@ def _stop_requested(supervisor: Supervisor, sig: signal.Signals) -> None:
             "stopping: workers drain in-flight requests",
             extra={"signal": sig.name, "drain_s": supervisor.config.listen.drain_timeout_s},
         )
-    supervisor.stopping = True
     supervisor.stop.set()
 
 
@@ -256,7 +258,6 @@ async def _reap(supervisor: Supervisor) -> None:
                 extra={"worker": worker.index, "pid": worker.pid, "exit_code": worker.exit_code},
             )
             supervisor.exit_code = EXIT_USAGE if worker.exit_code == EXIT_USAGE else EXIT_FAILURE
-            supervisor.stopping = True
             supervisor.stop.set()
         await asyncio.sleep(0.1)
 
@@ -350,22 +351,22 @@ def make_admin_app(supervisor: Supervisor) -> web.Application:
 async def _livez(request: web.Request) -> web.Response:
     supervisor = request.app[SUPERVISOR]
     if len(supervisor.running()) != len(supervisor.workers):
-        return _problem("/livez", "worker_down", "A worker process has exited.")
+        return not_ready("worker_down", "A worker process has exited.", instance="/livez")
     return web.json_response({"status": "UP"})
 
 
 async def _readyz(request: web.Request) -> web.Response:
     supervisor = request.app[SUPERVISOR]
     if supervisor.stopping:
-        return _problem("/readyz", "draining", "The proxy is shutting down.")
+        return not_ready("draining", "The proxy is shutting down.")
     for worker, answer in await _ask_all(supervisor, "/readyz"):
         if answer is None:
-            return _problem("/readyz", "worker_down", f"Worker {worker.index} does not answer.")
+            return not_ready("worker_down", f"Worker {worker.index} does not answer.")
         status, body = answer
         if status != 200:
             reason = _json_field(body, "reason") or "not_ready"
             detail = _json_field(body, "detail") or "Not ready."
-            return _problem("/readyz", reason, f"Worker {worker.index}: {detail}")
+            return not_ready(reason, f"Worker {worker.index}: {detail}")
     return web.json_response({"status": "UP"})
 
 
@@ -442,11 +443,6 @@ def merge_metrics(texts: list[tuple[int, str]]) -> str:
         lines.extend(header[kind] for kind in ("HELP", "TYPE") if kind in header)
         lines.extend(samples[family])
     return "".join(line + "\n" for line in lines)
-
-
-def _problem(instance: str, reason: str, detail: str) -> web.Response:
-    error = RequestRejected(503, reason, detail, retry_after_s=1)
-    return problem_response(error, instance=instance, trace_id="-")
 
 
 def _rank(document: dict[str, Any]) -> int:
