@@ -181,7 +181,7 @@ async def _serve(
         summary = _summary(config, credentials, running.proxy_url)
         log.info("ksz-proxy started", extra={**summary, "admin": running.admin_url})
     else:
-        log.info("worker started", extra={"worker": worker.index, "pid": os.getpid()})
+        log.info("worker started", extra={**who, "pid": os.getpid()})
         watching = asyncio.create_task(workers.watch_supervisor(worker, stop))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

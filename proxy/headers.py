@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -69,10 +69,13 @@ _TOKEN_SPLIT: Final = re.compile(r"[\s,]+")
 
 def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[istr]:
     """Return the header names listed in every ``Connection`` header."""
-    names: set[istr] = set()
-    for value in headers.getall("Connection", ()):
-        names.update(istr(n) for n in _TOKEN_SPLIT.split(value) if n)
-    return frozenset(names)
+    return frozenset(istr(n) for n in _listed_names(headers.getall("Connection", ())))
+
+
+def _listed_names(values: Iterable[str]) -> Iterator[str]:
+    """Yield the names in comma- or space-separated header values."""
+    for value in values:
+        yield from (n for n in _TOKEN_SPLIT.split(value) if n)
 
 
 def strip_hop_by_hop(
@@ -93,9 +96,7 @@ def _filtered(
         # split for any value that is one such name.
         listed = [v for v in headers.getall("Connection") if v.strip().lower() not in drop_lower]
         if listed:
-            drop_lower = drop_lower.union(
-                n.lower() for value in listed for n in _TOKEN_SPLIT.split(value) if n
-            )
+            drop_lower = drop_lower.union(n.lower() for n in _listed_names(listed))
     return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop_lower])
 
 
