@@ -190,7 +190,8 @@ def write_access(logger: logging.Logger, fields: dict[str, Any]) -> None:
         "logger": logger.name,
         "message": "request",
     }
-    entry.update(fields)
+    for key, value in fields.items():
+        entry.setdefault(key, value)  # as JsonFormatter: a field never replaces a promised key
     handler.write_line(_ENCODER.encode(entry))
 
 

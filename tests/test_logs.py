@@ -319,6 +319,7 @@ async def test_access_fields_named_like_the_head_still_give_one_json_object(
     entry = json.loads(stream.getvalue())
     assert list(entry)[:4] == ["level", "time", "logger", "message"]
     assert entry["level"] == "info"
+    assert entry["message"] == "request" and entry["time"] != "forged"
 
 
 @pytest.mark.usefixtures("restore_logging")
