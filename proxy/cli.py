@@ -7,25 +7,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import logging
 import os
-import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from proxy import __version__, logs, workers
-from proxy.app import ParserError, authority, reload_credentials, start
-from proxy.config import DEFAULT_CONFIG_NAME, Config, config_path
-from proxy.credentials import Credentials, load_setup
-from proxy.errors import ConfigError, CredentialError
+from proxy.config import DEFAULT_CONFIG_NAME, config_path
+from proxy.credentials import load_setup
+from proxy.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    CredentialError,
+    ParserError,
+)
+from proxy.server import WorkerSetup, authority, serve, summary
 
-log = logging.getLogger("ksz_proxy.cli")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,69 +134,25 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config, credentials = load_setup(config_path(args.config, os.environ), os.environ)
-    if config.listen.workers > 1:
-        # Fork before any event loop or thread exists; see proxy.workers.
-        supervisor = workers.fork_workers(config, credentials, _serve, _loop_run)
-        proxy_url = f"http://{authority(config.listen.host, config.listen.port)}"
-        return _loop_run(workers.supervise(supervisor, _summary(config, credentials, proxy_url)))
-    return _loop_run(_serve(config, credentials))
+    if config.listen.workers <= 1:
+        return _loop_run(serve(config, credentials))
 
+    def run_worker(setup: WorkerSetup) -> int:
+        try:
+            return _loop_run(serve(config, credentials, worker=setup))
+        except ConfigError as exc:
+            print(f"ksz-proxy: worker {setup.index}: {exc.detail}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            return EXIT_FAILURE  # Ctrl-C during start-up, before the worker's own handlers
 
-def _summary(config: Config, credentials: Credentials, proxy_url: str) -> dict[str, Any]:
-    """Return the fields of the start-up line: what runs, against what, with which certificate."""
-    return {
-        "version": __version__,
-        "proxy": proxy_url,
-        "environment": config.environment,
-        "channel": config.channel,
-        "token_url": config.oauth.token_url or config.oauth.discovery_url,
-        "upstream_url": config.upstream.url,
-        "routes": " ".join(r.prefix for r in config.routes),
-        "client_id": config.client.id,
-        "certificate_subject": credentials.subject,
-        "certificate_not_after": credentials.not_after.isoformat(),
-        "certificate_days_left": credentials.days_left(),
-    }
-
-
-async def _serve(
-    config: Config, credentials: Credentials, *, worker: workers.WorkerSetup | None = None
-) -> int:
-    drain_s = config.listen.drain_timeout_s
-    running = await start(
-        config,
-        credentials,
-        drain_s=drain_s,
-        admin_socket=worker.admin_socket if worker is not None else None,
-    )
-    # What start-up built (modules, keys, configuration) lives as long as the process: keep it
-    # out of the collector's full passes, which otherwise pause the loop for over 10 ms each.
-    gc.collect()
-    gc.freeze()
-    stop = asyncio.Event()
-    watching: asyncio.Task[None] | None = None
-    # With listen.workers, every line of a worker's own says which worker it is.
-    who: dict[str, object] = {} if worker is None else {"worker": worker.index}
-    if worker is None:
-        summary = _summary(config, credentials, running.proxy_url)
-        log.info("ksz-proxy started", extra={**summary, "admin": running.admin_url})
-    else:
-        log.info("worker started", extra={**who, "pid": os.getpid()})
-        watching = asyncio.create_task(workers.watch_supervisor(worker, stop))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_credentials, running)
-    try:
-        await stop.wait()
-        log.info("stopping: draining in-flight requests", extra={"drain_s": drain_s, **who})
-    finally:
-        loop.remove_signal_handler(signal.SIGHUP)
-        if watching is not None:
-            watching.cancel()
-        await running.close()
-    log.info("ksz-proxy stopped" if worker is None else "worker stopped", extra=who)
-    return EXIT_OK
+    # Fork before any event loop or thread exists; see proxy.workers.
+    supervisor = workers.fork_workers(config, run_worker)
+    proxy_url = f"http://{authority(config.listen.host, config.listen.port)}"
+    code = _loop_run(workers.supervise(supervisor, summary(config, credentials, proxy_url)))
+    if supervisor.refused is not None:
+        print(f"ksz-proxy: {supervisor.refused.detail}", file=sys.stderr)
+    return code
 
 
 def _loop_run(coro: Coroutine[Any, Any, int]) -> int:

@@ -23,6 +23,11 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+# The command line's exit codes, as drawn in the tree above.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
 BELGIF = "urn:problem-type:belgif:"
 OWN = "urn:problem-type:ksz-proxy:"
 
@@ -60,6 +65,10 @@ class CredentialError(ProxyError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, reason="credentials")
+
+
+class ParserError(ProxyError):
+    """aiohttp's C HTTP parser is not in use; the pure-Python fallback is refused."""
 
 
 class TokenUnavailable(ProxyError):

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from proxy._aiohttp import disable_connection_retry
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
 from proxy.errors import RequestRejected, UpstreamError, UpstreamTimeout
@@ -83,11 +84,8 @@ def make_session(config: Config, credentials: Credentials) -> aiohttp.ClientSess
             sock_read=upstream.read_timeout_s,
         ),
     )
-    # aiohttp resends GET/HEAD/OPTIONS/TRACE/PUT/DELETE once after a reset connection. A resend
-    # of a streamed body would go out empty, and a transport fault is never retried here, so
-    # switch it off (no public setting exists; the attribute is checked by a test).
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
+    # A resend after a reset connection would send a streamed body empty: see _aiohttp.py.
+    disable_connection_retry(session)
     return session
 
 

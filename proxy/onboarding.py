@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from proxy import check as checklist
-from proxy import tokens
+from proxy import oauth, tokens
 from proxy.config import Config, Secret, config_path, load_config, read_secret_file
 from proxy.credentials import Credentials, load_pem, load_pkcs12, load_setup
 from proxy.errors import ConfigError, TokenUnavailable
@@ -428,7 +428,7 @@ def token(args: argparse.Namespace, out: TextIO) -> int:
 async def _token(
     config: Config, credentials: Credentials, scopes: frozenset[str], show: bool, out: TextIO
 ) -> int:
-    async with tokens.make_session(config) as session:
+    async with oauth.make_session(config) as session:
         provider = tokens.TokenProvider(config, credentials, session)
         try:
             fetched = await provider.get(scopes)

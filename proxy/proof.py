@@ -22,12 +22,12 @@ from typing import Any, Final
 
 import aiohttp
 
-from proxy import tokens
-from proxy.app import start
+from proxy import oauth, tokens
 from proxy.config import DEFAULT_ALLOWED_HOSTS, Config, Route
 from proxy.credentials import Credentials
 from proxy.errors import ProxyError, TokenUnavailable
 from proxy.probes import ESB, CheckSettings, StepResult, fail, skip
+from proxy.server import start
 
 SKEW_WARN_S: Final = 5.0
 _MAX_BODY: Final = 64 * 1024
@@ -76,7 +76,7 @@ def token_advice(
             "(invalid_scope)",
             f"ask {ESB} to grant it to this client-id, or correct routes[].scopes / oauth.scopes",
         )
-    hint = tokens.HINTS.get(code or exc.reason)
+    hint = oauth.HINTS.get(code or exc.reason)
     if code:
         return f"the token endpoint refused the request ({code})", hint or (
             f"look the error code up in RFC 6749 section 5.2 and contact {ESB}"
@@ -100,7 +100,7 @@ async def check_tokens(
     if not reachable:
         why = "the token endpoint is not reachable (steps 2-4)"
         return {s: skip(5, "scopes " + scope_label(s), why) for s in scope_sets}, []
-    async with tokens.make_session(config) as session:
+    async with oauth.make_session(config) as session:
         provider = tokens.TokenProvider(config, credentials, session)
         try:
             outcomes = await asyncio.gather(
@@ -245,7 +245,7 @@ def _judge_health(label: str, route: Route, status: int, data: dict[str, Any]) -
                 label,
                 detail,
                 "the proxy obtained no token for this route",
-                tokens.HINTS.get(str(data.get("oauthError") or reason[6:]), "see step 5"),
+                oauth.HINTS.get(str(data.get("oauthError") or reason[6:]), "see step 5"),
             )
         return fail(
             6,

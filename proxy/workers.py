@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -44,24 +42,20 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from proxy.app import authority, bound_port, not_ready
+from proxy.admin import Answer, make_merged_admin_app
 from proxy.config import Config
-from proxy.credentials import Credentials
-from proxy.errors import ConfigError
+from proxy.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
+from proxy.server import WorkerSetup, authority, bound_port, listen
 
 # The `run` command's own lines, as with one process (README, "Logs").
 log = logging.getLogger("ksz_proxy.cli")
 
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
 # How long a worker gets to start listening before the supervisor gives up on it.
 START_TIMEOUT_S: Final = 30.0
 # Beyond the drain time, how long stopping workers get before they are killed.
 STOP_GRACE_S: Final = 5.0
 # A worker's admin answer (over its Unix socket) must come within this.
 ASK_TIMEOUT_S: Final = 2.0
-_HEALTH_RANK: Final = {"UP": 0, "DEGRADED": 1, "DOWN": 2}
-_SAMPLE_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 @dataclass(slots=True)
@@ -84,6 +78,8 @@ class Supervisor:
     # Set when the supervisor must stop: a signal, or a worker that exited on its own.
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int = 0
+    # Why the supervisor refused to run (its admin port is taken), for the command line to say.
+    refused: ConfigError | None = None
     sessions: dict[int, aiohttp.ClientSession] = field(default_factory=dict)
 
     @property
@@ -95,17 +91,14 @@ class Supervisor:
         """Return the workers that have not exited."""
         return [w for w in self.workers if w.exit_code is None]
 
+    async def ask_all(self, path: str) -> list[tuple[Worker, Answer]]:
+        """GET ``path`` from every worker's admin socket; None for those that do not answer."""
+        answers = await asyncio.gather(*(_ask(self, w, path) for w in self.workers))
+        return list(zip(self.workers, answers, strict=True))
 
-SUPERVISOR: Final = web.AppKey("supervisor", Supervisor)
 
-
-def fork_workers(
-    config: Config,
-    credentials: Credentials,
-    serve: Callable[..., Coroutine[Any, Any, int]],
-    loop_run: Callable[[Coroutine[Any, Any, int]], int],
-) -> Supervisor:
-    """Fork ``listen.workers`` workers; each runs ``loop_run(serve(config, credentials, ...))``.
+def fork_workers(config: Config, run_worker: Callable[[WorkerSetup], int]) -> Supervisor:
+    """Fork ``listen.workers`` workers; each ends its process with ``run_worker(setup)``'s code.
 
     Called before any event loop or thread exists in this process, so a fork is safe. In a
     worker this never returns: the worker's exit code ends its process.
@@ -121,20 +114,9 @@ def fork_workers(
         if pid == 0:
             code = EXIT_FAILURE
             try:
-                code = loop_run(
-                    serve(
-                        config,
-                        credentials,
-                        worker=WorkerSetup(
-                            index=index, admin_socket=socket, supervisor_pid=supervisor_pid
-                        ),
-                    )
+                code = run_worker(
+                    WorkerSetup(index=index, admin_socket=socket, supervisor_pid=supervisor_pid)
                 )
-            except ConfigError as exc:
-                print(f"ksz-proxy: worker {index}: {exc.detail}", file=sys.stderr)
-                code = EXIT_USAGE
-            except KeyboardInterrupt:
-                pass  # Ctrl-C during start-up, before the worker's own handlers: exit 1 quietly
             except BaseException:
                 log.exception("worker failed", extra={"worker": index})
             finally:
@@ -144,25 +126,6 @@ def fork_workers(
                 os._exit(code)
         workers.append(Worker(index=index, pid=pid, socket=socket))
     return Supervisor(config=config, workers=workers, runtime=runtime)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerSetup:
-    """What a worker needs to know about its place: index, admin socket, supervisor."""
-
-    index: int
-    admin_socket: Path
-    supervisor_pid: int
-
-
-async def watch_supervisor(setup: WorkerSetup, stop: asyncio.Event) -> None:
-    """Set ``stop`` once the supervisor is gone (this worker was re-parented)."""
-    while not stop.is_set():
-        if os.getppid() != setup.supervisor_pid:
-            log.error("supervisor gone; stopping", extra={"worker": setup.index})
-            stop.set()
-            return
-        await asyncio.sleep(1.0)
 
 
 # -- the supervisor's event loop ------------------------------------------------------------------
@@ -186,17 +149,11 @@ async def supervise(supervisor: Supervisor, summary: dict[str, Any]) -> int:
         await _wait_listening(supervisor)
         if supervisor.stop.is_set():
             return supervisor.exit_code
-        app = make_admin_app(supervisor)
+        app = make_merged_admin_app(supervisor)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, config.admin.host, config.admin.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"admin.port: cannot listen on {config.admin.host}:{config.admin.port} "
-                f"({exc.strerror or exc})"
-            ) from None
+        await listen(site, "admin", config.admin.host, config.admin.port)
         admin_port = bound_port(runner)
         log.info(
             "ksz-proxy started",
@@ -209,7 +166,7 @@ async def supervise(supervisor: Supervisor, summary: dict[str, Any]) -> int:
         )
         await supervisor.stop.wait()
     except ConfigError as exc:
-        print(f"ksz-proxy: {exc.detail}", file=sys.stderr)
+        supervisor.refused = exc
         supervisor.exit_code = EXIT_USAGE
     finally:
         supervisor.stop.set()
@@ -317,7 +274,7 @@ async def _wait_exited(workers: list[Worker], deadline: float | None) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _ask(supervisor: Supervisor, worker: Worker, path: str) -> tuple[int, bytes] | None:
+async def _ask(supervisor: Supervisor, worker: Worker, path: str) -> Answer:
     """GET ``path`` from a worker's admin socket; None when it does not answer."""
     session = supervisor.sessions[worker.index]
     try:
@@ -325,140 +282,3 @@ async def _ask(supervisor: Supervisor, worker: Worker, path: str) -> tuple[int, 
             return response.status, await response.read()
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None
-
-
-async def _ask_all(
-    supervisor: Supervisor, path: str
-) -> list[tuple[Worker, tuple[int, bytes] | None]]:
-    answers = await asyncio.gather(*(_ask(supervisor, w, path) for w in supervisor.workers))
-    return list(zip(supervisor.workers, answers, strict=True))
-
-
-# -- the merged admin application ----------------------------------------------------------------
-
-
-def make_admin_app(supervisor: Supervisor) -> web.Application:
-    """Return the supervisor's admin application: the workers' answers, merged."""
-    app = web.Application()
-    app[SUPERVISOR] = supervisor
-    app.router.add_get("/livez", _livez)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/health", _health)
-    app.router.add_get("/metrics", _metrics)
-    return app
-
-
-async def _livez(request: web.Request) -> web.Response:
-    supervisor = request.app[SUPERVISOR]
-    if len(supervisor.running()) != len(supervisor.workers):
-        return not_ready("worker_down", "A worker process has exited.", instance="/livez")
-    return web.json_response({"status": "UP"})
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    supervisor = request.app[SUPERVISOR]
-    if supervisor.stopping:
-        return not_ready("draining", "The proxy is shutting down.")
-    for worker, answer in await _ask_all(supervisor, "/readyz"):
-        if answer is None:
-            return not_ready("worker_down", f"Worker {worker.index} does not answer.")
-        status, body = answer
-        if status != 200:
-            reason = _json_field(body, "reason") or "not_ready"
-            detail = _json_field(body, "detail") or "Not ready."
-            return not_ready(reason, f"Worker {worker.index}: {detail}")
-    return web.json_response({"status": "UP"})
-
-
-async def _health(request: web.Request) -> web.Response:
-    supervisor = request.app[SUPERVISOR]
-    documents: list[dict[str, Any]] = []
-    for worker, answer in await _ask_all(supervisor, "/health"):
-        document: dict[str, Any] = {"status": "DOWN", "details": {"worker": "not answering"}}
-        if answer is not None:
-            with contextlib.suppress(ValueError):
-                parsed = _json(answer[1])
-                if isinstance(parsed.get("status"), str) and isinstance(
-                    parsed.get("details"), dict
-                ):
-                    document = parsed
-        documents.append({"worker": worker.index, "pid": worker.pid, **document})
-    worst = max(documents, key=_rank)  # the first of the worst: worker 0 when all are equal
-    status = "DOWN" if supervisor.stopping else worst["status"]
-    body = {"status": status, "details": worst["details"], "workers": documents}
-    return web.json_response(
-        body, status=503 if status == "DOWN" else 200, headers={"Cache-Control": "no-store"}
-    )
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    supervisor = request.app[SUPERVISOR]
-    texts: list[tuple[int, str]] = []
-    for worker, answer in await _ask_all(supervisor, "/metrics"):
-        if answer is not None and answer[0] == 200:
-            texts.append((worker.index, answer[1].decode("utf-8")))
-    body = merge_metrics(texts) + (
-        "# HELP kszproxy_workers_running Worker processes running.\n"
-        "# TYPE kszproxy_workers_running gauge\n"
-        f"kszproxy_workers_running {len(supervisor.running())}\n"
-        "# HELP kszproxy_workers_configured Worker processes configured (listen.workers).\n"
-        "# TYPE kszproxy_workers_configured gauge\n"
-        f"kszproxy_workers_configured {len(supervisor.workers)}\n"
-    )
-    return web.Response(
-        body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-    )
-
-
-def merge_metrics(texts: list[tuple[int, str]]) -> str:
-    """Merge Prometheus text expositions, adding ``worker="N"`` to every sample.
-
-    A family's samples must stay together in the text format: its HELP and TYPE lines come from
-    the first exposition naming it, then every worker's samples follow.
-    """
-    headers: dict[str, dict[str, str]] = {}
-    samples: dict[str, list[str]] = {}
-    for index, text in texts:
-        family: str | None = None
-        for line in text.splitlines():
-            parts = line.split(" ", 3)
-            if line.startswith("# ") and len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                family = parts[2]
-                headers.setdefault(family, {}).setdefault(parts[1], line)
-                samples.setdefault(family, [])
-                continue
-            match = _SAMPLE_NAME.match(line)
-            if match is None or family is None:
-                continue  # a blank line or another comment
-            name, rest = match.group(), line[match.end() :]
-            label = f'worker="{index}"'
-            if rest.startswith("{}"):
-                rest = rest[2:]
-            if rest.startswith("{"):
-                samples[family].append(f"{name}{{{label},{rest[1:]}")
-            else:
-                samples[family].append(f"{name}{{{label}}}{rest}")
-    lines: list[str] = []
-    for family, header in headers.items():
-        lines.extend(header[kind] for kind in ("HELP", "TYPE") if kind in header)
-        lines.extend(samples[family])
-    return "".join(line + "\n" for line in lines)
-
-
-def _rank(document: dict[str, Any]) -> int:
-    return _HEALTH_RANK.get(str(document.get("status")), 2)
-
-
-def _json(body: bytes) -> dict[str, Any]:
-    parsed = json.loads(body)
-    if not isinstance(parsed, dict):
-        raise ValueError("not an object")
-    return parsed
-
-
-def _json_field(body: bytes, name: str) -> str | None:
-    try:
-        value = _json(body).get(name)
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None

@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import RunningProxy, start
 from proxy.config import Config, parse_config
 from proxy.credentials import load_credentials
 from proxy.sandbox.serve import Served, serve
 from proxy.sandbox.upstream import FakeUpstream
+from proxy.server import RunningProxy, start
 from tests.conftest import CLIENT_ID, AuthServerHandle, PartnerFiles
 
 DEMO = "/REST/demo/v1"

@@ -205,7 +205,7 @@ async def test_health_up_details_name_expiry_outcome_certificate_and_draining(
         expires = datetime.fromisoformat(token["expiresAt"])
         assert now + timedelta(minutes=55) < expires < now + timedelta(minutes=65)
         assert datetime.fromisoformat(token["lastRefreshAt"]) <= now + timedelta(seconds=1)
-    not_after = chain.proxy.state.current_credentials(chain.proxy.admin_app).not_after
+    not_after = chain.proxy.tokens.credentials.not_after
     assert datetime.fromisoformat(details["certificate"]["notAfter"]) == not_after.replace(
         microsecond=0
     )
@@ -390,7 +390,7 @@ async def test_every_metric_with_its_labels_after_real_traffic(
     for scope, expected in issued.items():
         got = value(after, "kszproxy_token_expiry_timestamp_seconds", scopes=scope)
         assert abs(got - expected) < 5
-    not_after = chain.proxy.state.current_credentials(chain.proxy.admin_app).not_after
+    not_after = chain.proxy.tokens.credentials.not_after
     assert value(after, "kszproxy_certificate_expiry_timestamp_seconds") == not_after.timestamp()
     assert abs(value(after, "kszproxy_clock_skew_seconds")) < 5
     assert value(after, "kszproxy_build_info", version=__version__) == 1

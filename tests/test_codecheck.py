@@ -32,7 +32,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from proxy import forward, tokens
+from proxy import forward, oauth
 from proxy.credentials import load_credentials
 from tests.conftest import PartnerFiles
 from tests.test_tokens import make_config
@@ -220,7 +220,7 @@ async def test_sessions_ignore_proxy_variables_and_never_resend(
         # aiohttp's own resend of idempotent requests after a dropped connection: forward.py
         # switches it off through a private attribute, which must therefore still exist.
         assert upstream._retry_connection is False
-    async with tokens.make_session(config) as token_session:
+    async with oauth.make_session(config) as token_session:
         assert token_session.trust_env is False
 
 

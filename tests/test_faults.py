@@ -36,10 +36,11 @@ import trustme
 from proxy import tls
 from proxy.credentials import load_credentials
 from proxy.errors import TokenUnavailable
+from proxy.oauth import make_session
 from proxy.sandbox.authserver import FakeAuthServer
 from proxy.sandbox.serve import Served, serve
 from proxy.sandbox.upstream import FakeUpstream, stream_chunks, stream_sha256
-from proxy.tokens import TokenProvider, make_session
+from proxy.tokens import TokenProvider
 from tests.conftest import AuthServerHandle, PartnerFiles
 from tests.faultproxy import Fault, FaultProxy
 from tests.proxyfixtures import DEMO, Chain, ChainFactory, UpstreamHandle
@@ -335,7 +336,7 @@ async def test_cut_mid_answer_cuts_the_callers_connection(
     # No clean end: the caller never takes a truncated body for a whole one.
     assert 0 < received < size
     assert upstream_fault.connections == 1
-    await until(lambda: chain.proxy.state.in_flight == 0)
+    await until(lambda: chain.proxy.drain.in_flight == 0)
     assert await upstream_errors(chain, "reset") == errors + 1
     upstream_fault.fault = Fault()
     async with chain.request("GET", DEMO + "/after") as response:

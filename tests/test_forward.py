@@ -87,7 +87,7 @@ async def test_a_caller_gone_before_a_small_answer_is_499_not_an_upstream_error(
     writer.transport.abort()
     await asyncio.sleep(0.1)
     async with asyncio.timeout(5):
-        await chain.proxy.state.idle.wait()
+        await chain.proxy.drain.idle.wait()
     async with chain.session.get(chain.proxy.admin_url + "/metrics") as response:
         metrics = await response.text()
     assert "kszproxy_upstream_errors_total{" not in metrics

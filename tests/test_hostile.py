@@ -17,7 +17,7 @@ from typing import Final
 
 import pytest
 
-from proxy.app import check_c_parser
+from proxy._aiohttp import check_c_parser
 from tests.proxyfixtures import DEMO, Chain, ChainFactory
 from tests.rawhttp import (
     assert_no_cors,
@@ -47,7 +47,7 @@ def test_c_parser_is_in_use_here() -> None:
 def test_python_parser_is_refused() -> None:
     environ = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"}
     result = subprocess.run(  # our own interpreter, fixed arguments
-        [sys.executable, "-c", "from proxy.app import check_c_parser; check_c_parser()"],
+        [sys.executable, "-c", "from proxy._aiohttp import check_c_parser; check_c_parser()"],
         cwd=REPO,
         env=environ,
         capture_output=True,

@@ -219,7 +219,7 @@ async def test_in_flight_cap_answers_503_fast(make_chain: ChainFactory) -> None:
 
     stalled = [asyncio.create_task(stall()) for _ in range(2)]
     try:
-        await wait_for(lambda: chain.proxy.state.in_flight == 2)
+        await wait_for(lambda: chain.proxy.drain.in_flight == 2)
         started = time.monotonic()
         async with chain.request("GET", DEMO + "/x") as response:
             assert response.status == 503
@@ -234,7 +234,7 @@ async def test_in_flight_cap_answers_503_fast(make_chain: ChainFactory) -> None:
             task.cancel()
         await asyncio.gather(*stalled, return_exceptions=True)
     assert [seen.target for seen in chain.upstream.seen] == [DEMO + "/stall?seconds=3"] * 2
-    await wait_for(lambda: chain.proxy.state.in_flight == 0)
+    await wait_for(lambda: chain.proxy.drain.in_flight == 0)
     async with chain.request("GET", DEMO + "/after") as response:
         assert response.status == 200
 
@@ -252,12 +252,12 @@ async def test_caller_disconnect_cancels_the_upstream_request(chain: Chain) -> N
         writer.write(build("GET", DEMO + "/stall?seconds=10", chain.port))
         await writer.drain()
         await wait_for(lambda: chain.upstream.count == 2)
-        assert chain.proxy.state.in_flight == 1
+        assert chain.proxy.drain.in_flight == 1
         # The proxy's handler and the fake upstream's stalled handler are both running now.
         assert len(asyncio.all_tasks()) > baseline
     finally:
         await close_writer(writer)
-    await wait_for(lambda: chain.proxy.state.in_flight == 0, 2.0)
+    await wait_for(lambda: chain.proxy.drain.in_flight == 0, 2.0)
     # Both handlers are gone: nothing waits out the 10 s stall (the token refresher may tick).
     await wait_for(lambda: len(asyncio.all_tasks()) <= baseline + 1, 2.0)
 

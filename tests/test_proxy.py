@@ -391,7 +391,7 @@ async def test_fault_mid_answer_cuts_the_caller_connection(make_chain: ChainFact
     # The proxy keeps serving.
     async with chain.request("GET", DEMO + "/x") as response:
         assert response.status == 200
-    assert chain.proxy.state.in_flight == 0
+    assert chain.proxy.drain.in_flight == 0
 
 
 async def test_caller_leaving_mid_answer_is_not_an_upstream_error(chain: Chain) -> None:
@@ -402,7 +402,7 @@ async def test_caller_leaving_mid_answer_is_not_an_upstream_error(chain: Chain) 
     await reader.readexactly(200_000)
     writer.transport.abort()
     async with asyncio.timeout(5):
-        await chain.proxy.state.idle.wait()
+        await chain.proxy.drain.idle.wait()
     async with chain.session.get(chain.proxy.admin_url + "/metrics") as response:
         metrics = await response.text()
     assert "kszproxy_upstream_errors_total{" not in metrics

@@ -56,13 +56,15 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy.app import TOKENS, RunningProxy, reload_credentials, start
+from proxy.admin import TOKENS
 from proxy.config import load_config
 from proxy.credentials import load_credentials
+from proxy.oauth import make_session
 from proxy.sandbox.authserver import Fault, RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.upstream import stream_chunks, stream_sha256
-from proxy.tokens import TokenProvider, make_session
+from proxy.server import RunningProxy, reload_credentials, start
+from proxy.tokens import TokenProvider
 from tests.conftest import (
     CLIENT_ID,
     DEFAULT_SCOPES,
@@ -308,9 +310,9 @@ async def requests_counted(chain: Chain) -> float:
 
 async def settle(chain: Chain) -> tuple[int, int, int]:
     """Wait for the proxy to be idle; return this process's asyncio tasks, fds and RSS."""
-    if chain.proxy.state.in_flight:
+    if chain.proxy.drain.in_flight:
         async with asyncio.timeout(30):
-            await chain.proxy.state.idle.wait()
+            await chain.proxy.drain.idle.wait()
     await asyncio.sleep(0.5)
     gc.collect()
     return len(asyncio.all_tasks()), open_fds(), rss_bytes()
@@ -425,7 +427,7 @@ async def test_soak_mixed_load_with_401s_an_outage_and_a_reload(
                 os.kill(os.getpid(), signal.SIGHUP)
 
                 def reloaded() -> bool:
-                    credentials = chain.proxy.state.credentials
+                    credentials = chain.proxy.tokens.credentials
                     return credentials is not None and credentials.x5t_s256 == renewed_kid
 
                 def renewed_tokens() -> bool:

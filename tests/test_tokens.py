@@ -15,15 +15,13 @@ import pytest
 from proxy.config import Config, parse_config
 from proxy.credentials import Credentials, load_credentials
 from proxy.errors import TokenUnavailable
+from proxy.oauth import make_session, parse_retry_after, parse_token_response
 from proxy.sandbox.authserver import FakeAuthServer, Fault
 from proxy.sandbox.serve import serve
 from proxy.tokens import (
     Token,
     TokenProvider,
     backoff_delay,
-    make_session,
-    parse_retry_after,
-    parse_token_response,
 )
 from tests.conftest import CLIENT_ID, AuthServerHandle, PartnerFiles
 

@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin import merge_metrics
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.workers import merge_metrics
 from tests.conftest import AuthServerHandle, PartnerFiles
 from tests.proxyfixtures import DEMO, UpstreamHandle
 from tests.test_admin import samples

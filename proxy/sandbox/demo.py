@@ -22,13 +22,13 @@ from typing import Final, TextIO
 
 import aiohttp
 
-from proxy.app import RunningProxy, start
 from proxy.config import Config, load_config
 from proxy.credentials import load_credentials
 from proxy.sandbox.authserver import FakeAuthServer, RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority
 from proxy.sandbox.serve import Served, serve
 from proxy.sandbox.upstream import FakeUpstream
+from proxy.server import RunningProxy, start
 
 CLIENT_ID: Final = "sandbox:demo:client:confidential"
 SCOPE: Final = "scope:demo:consult"

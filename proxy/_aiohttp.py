@@ -1,0 +1,75 @@
+"""Own every use of aiohttp internals, each with why it is needed.
+
+aiohttp is pinned to the minor series these were checked against (pyproject.toml); each use is
+pinned by a test in ``tests/test_aiohttp_internals.py`` that fails loudly when aiohttp changes it.
+Nothing else in ksz-proxy may reach into aiohttp's private attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from aiohttp import http_parser, web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.errors import ParserError
+
+# The module aiohttp's compiled (C) HTTP request parser lives in.
+C_PARSER_MODULE = "aiohttp._http_parser"
+
+
+def check_c_parser() -> None:
+    """Refuse to run on aiohttp's pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS or no wheel)."""
+    # Why: the Python fallback is slower and parses differently (the hostile-input tests are
+    # written against the C parser); aiohttp says which one it uses only by the class's module.
+    if http_parser.HttpRequestParser.__module__ != C_PARSER_MODULE:
+        raise ParserError(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp was "
+            "installed without its compiled extension); ksz-proxy refuses the Python fallback",
+            reason="no_c_parser",
+        )
+
+
+def disable_connection_retry(session: aiohttp.ClientSession) -> None:
+    """Switch off aiohttp's silent resend of idempotent requests after a reset connection."""
+    # Why: aiohttp resends GET/HEAD/OPTIONS/TRACE/PUT/DELETE once after a reset connection. A
+    # resend of a streamed body would go out empty, and a transport fault is never retried here.
+    # No public setting exists; ClientSession._retry_connection is read in _request.
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+
+
+def forget_interim_output(writer: Any) -> None:
+    """Reset the count of bytes written so that an interim answer does not count as started."""
+    # Why: after ``100 Continue`` is written straight to the StreamWriter, aiohttp's error path
+    # (RequestHandler.handle_error / the answer-has-started check) reads writer.output_size to
+    # decide whether the final answer has begun; the interim line must not count.
+    writer.output_size = 0
+
+
+def answer_started(request: web.BaseRequest) -> bool:
+    """Return True once bytes of the final answer have been written to the caller."""
+    # Why: StreamWriter.output_size is the only record of bytes already sent on the connection.
+    return bool(request.writer.output_size > 0)
+
+
+def server_of(handler: RequestHandler) -> web.Server:
+    """Return the ``web.Server`` that made a connection's request handler."""
+    # Why: RequestHandler keeps its server as the private ``_manager``; handle_error needs it
+    # to reach the listener's metrics.
+    manager = handler._manager
+    if manager is None:  # pragma: no cover - set for the handler's whole life
+        raise RuntimeError("aiohttp's RequestHandler has no server")
+    return manager
+
+
+class CustomHandlerServer(web.Server):
+    """A low-level server whose connections use ``connection_class`` instead of aiohttp's own."""
+
+    # Why: web.Server builds its RequestHandler in __call__ from the private _loop and _kwargs;
+    # there is no public hook for a RequestHandler subclass.
+    connection_class: type[RequestHandler] = RequestHandler
+
+    def __call__(self) -> RequestHandler:
+        return self.connection_class(self, loop=self._loop, **self._kwargs)

@@ -1,0 +1,242 @@
+"""Own the proxy listener: one handler for every request, and aiohttp's connection handler.
+
+The proxy listener (``[listen]``) is a low-level ``aiohttp.web.Server`` with one handler: no
+router and no middleware on the hot path, and the handler sees every request as sent -- even
+``OPTIONS *`` and absolute-form targets, which a router would answer on its own. The admin paths
+do not exist here, so nothing reachable through the proxy listener can touch them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy import logs
+from proxy._aiohttp import CustomHandlerServer, answer_started, forget_interim_output, server_of
+from proxy.config import Config, Route
+from proxy.drain import Drain
+from proxy.errors import ProxyError, RequestRejected, UpstreamError
+from proxy.forward import Exchange, Forwarder
+from proxy.headers import new_trace_id, trace_id_for
+from proxy.inbound import (
+    ALLOW_HEADER,
+    check_browser,
+    check_fragment,
+    check_host,
+    check_method,
+    check_path,
+    check_proxy_key,
+    check_upgrade,
+    check_version,
+    find_route,
+    split_target,
+)
+from proxy.metrics import Metrics
+from proxy.problems import problem_reason, problem_response
+
+# The logger names stay those of the former proxy.app (README, "Logs").
+log = logging.getLogger("ksz_proxy.app")
+access_log = logging.getLogger("ksz_proxy.access")
+
+# Request line and header limits of the proxy listener: oversized ones get 4xx from the parser.
+MAX_LINE_BYTES: Final = 8190
+MAX_FIELD_BYTES: Final = 8190
+MAX_HEADERS: Final = 100
+
+
+class ProxyHandler:
+    """Handle one request on the proxy listener: inbound policy, then forward."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        drain: Drain,
+        port: int,
+    ) -> None:
+        self._config = config
+        self._forwarder = forwarder
+        self._metrics = metrics
+        self._drain = drain
+        # The bound port, for the Host check; start() sets it once the listener is bound.
+        self.port = port
+        self._max_in_flight = config.listen.max_in_flight
+        self._max_body = config.listen.max_body_bytes
+        secret = config.listen.shared_secret
+        self._proxy_key = secret.reveal().encode() if secret is not None else None
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        drain = self._drain
+        trace_id = trace_id_for(request.headers)
+        exchange = Exchange()
+        route_prefix = "unrouted"
+        started = time.perf_counter()
+        response: web.StreamResponse | None = None
+        task = request.task
+        drain.enter(task)
+        try:
+            if drain.in_flight > self._max_in_flight:
+                raise RequestRejected(
+                    503, "overloaded", "Too many requests in flight.", retry_after_s=1
+                )
+            route = self._accept(request)
+            route_prefix = route.prefix
+            await self._continue(request)
+            response = await self._forwarder.forward(request, route, trace_id, exchange)
+            return response
+        except ProxyError as exc:
+            if isinstance(exc, UpstreamError):
+                exchange.upstream_error = exc.reason
+            response = self._problem(request, exc, trace_id)
+            return response
+        finally:
+            drain.leave(task)
+            duration_s = time.perf_counter() - started
+            # 499 (nginx's convention): the caller went away before the answer was complete.
+            if exchange.caller_gone:
+                status = 499
+            elif response is not None:
+                status = response.status
+            else:
+                status = exchange.status_sent or 499
+            self._metrics.observe_request(route_prefix, request.method, status, duration_s)
+            if exchange.upstream_error is not None:
+                self._metrics.upstream_errors.labels(
+                    route=route_prefix, reason=exchange.upstream_error
+                ).inc()
+            if exchange.retried:
+                self._metrics.retries.labels(route=route_prefix).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                self._log_access(request, trace_id, route_prefix, status, duration_s, exchange)
+
+    @staticmethod
+    def _log_access(
+        request: web.BaseRequest,
+        trace_id: str,
+        route_prefix: str,
+        status: int,
+        duration_s: float,
+        exchange: Exchange,
+    ) -> None:
+        fields: dict[str, object] = {
+            "trace_id": trace_id,
+            "method": request.method,
+            "route": route_prefix,
+            "path": request.raw_path.partition("?")[0],
+            "status": status,
+            "upstream_status": exchange.upstream_status,
+            "duration_s": round(duration_s, 6),
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": exchange.bytes_out,
+            "retried": exchange.retried,
+        }
+        logs.write_access(access_log, fields)
+
+    def _accept(self, request: web.BaseRequest) -> Route:
+        """Apply the inbound policy and return the route; raise RequestRejected otherwise."""
+        check_method(request.method)
+        if request.raw_path == "*":
+            raise RequestRejected(405, "method_not_allowed", "OPTIONS * is not forwarded.")
+        check_version(request.version)
+        check_fragment(request.raw_path)
+        raw_path, _query = split_target(request.raw_path)
+        headers = request.headers
+        if len(headers.getall("Host", ())) > 1:
+            raise RequestRejected(400, "bad_host", "Exactly one Host header is required.")
+        check_host(headers.get("Host"), self._config.listen, self.port)
+        check_browser(headers)
+        check_proxy_key(headers, self._proxy_key)
+        check_upgrade(headers)
+        check_path(raw_path)
+        return find_route(self._config.routes, raw_path)
+
+    async def _continue(self, request: web.BaseRequest) -> None:
+        """Answer ``Expect: 100-continue`` only once the request is known to be acceptable."""
+        expect = request.headers.get("Expect")
+        if expect is None:
+            return
+        if expect.strip().lower() != "100-continue":
+            raise RequestRejected(400, "bad_expect", "Only Expect: 100-continue is supported.")
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise RequestRejected(
+                413, "payload_too_large", "The request body exceeds the size limit."
+            )
+        if request.version >= aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            forget_interim_output(request.writer)
+
+    def _problem(self, request: web.BaseRequest, error: ProxyError, trace_id: str) -> web.Response:
+        # A body left unread would be parsed as the next request: close instead.
+        unread = request.body_exists and not request.content.at_eof()
+        extra = {"Allow": ALLOW_HEADER} if error.status == 405 else None
+        if error.status >= 500 or error.status in (408, 413):
+            log.warning(
+                "request failed",
+                extra={
+                    "trace_id": trace_id,
+                    "status": error.status,
+                    "reason": problem_reason(error),
+                },
+            )
+        return problem_response(
+            error,
+            instance=request.raw_path.partition("?")[0],
+            trace_id=trace_id,
+            close=unread or error.status in (400, 408, 413),
+            extra_headers=extra,
+        )
+
+
+class _ProxyRequestHandler(RequestHandler):
+    """The proxy listener's connection handler, with fixed answers for what it refuses itself.
+
+    aiohttp answers unparsable requests with a plain-text body that quotes the offending line
+    and logs it with a traceback: either may carry a caller's credential. Here both are fixed.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        del message  # may quote the request; never used
+        if answer_started(request):
+            raise ConnectionError("the answer has started; the connection is cut")
+        name = type(exc).__name__ if exc is not None else None
+        if status >= 500:
+            frames = "".join(traceback.format_tb(exc.__traceback__)) if exc else ""
+            # The frames without the exception's message, which may quote request data.
+            log.error(
+                "unexpected error in the request handler", extra={"error": name, "frames": frames}
+            )
+            error = RequestRejected(500, "internal", "The proxy failed to handle the request.")
+        else:
+            log.info("malformed request refused", extra={"error": name, "status": status})
+            if status not in (400, 413, 414, 431):
+                status = 400
+        server = server_of(self)
+        if isinstance(server, ProxyServer):
+            server.metrics.observe_request("unrouted", "OTHER", status, 0.0)
+            error = RequestRejected(status, "bad_request", "The request is not valid HTTP/1.1.")
+        return problem_response(error, instance="-", trace_id=new_trace_id(), close=True)
+
+
+class ProxyServer(CustomHandlerServer):
+    """The proxy listener's low-level server; its connections use ``_ProxyRequestHandler``."""
+
+    connection_class = _ProxyRequestHandler
+
+    def __init__(self, handler: ProxyHandler, *, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.metrics = metrics

@@ -1,0 +1,347 @@
+"""Own the run lifecycle: resources, start, reload, drain, stop, and the serving loop.
+
+The admin application's ``cleanup_ctx`` generators own the long-lived resources (token session
+and provider, upstream session and forwarder) under the typed ``AppKey``s of ``admin.py``:
+created in order at start-up, closed in reverse order, and only if their start-up finished.
+``start`` builds both listeners on top of them; ``RunningProxy.close`` stops them in order
+(stop accepting, let in-flight requests finish within ``listen.drain_timeout_s``, then cancel);
+``serve`` is what ``ksz-proxy run`` (and each worker of ``listen.workers`` > 1) runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from proxy import __version__, forward, oauth
+from proxy._aiohttp import check_c_parser
+from proxy.admin import CONFIG, DRAIN, FORWARDER, METRICS, TOKENS, make_admin_app
+from proxy.config import Config, load_config
+from proxy.credentials import Credentials, check_algorithm, load_credentials
+from proxy.drain import Drain
+from proxy.errors import ConfigError, ProxyError
+from proxy.forward import Forwarder
+from proxy.handler import (
+    MAX_FIELD_BYTES,
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
+    ProxyHandler,
+    ProxyServer,
+)
+from proxy.tokens import TokenProvider
+
+# The logger names stay those of the former proxy.app and proxy.cli (README, "Logs").
+log = logging.getLogger("ksz_proxy.app")
+run_log = logging.getLogger("ksz_proxy.cli")
+
+# After the drain, what still runs gets this long to react to cancellation.
+CANCEL_GRACE_S: Final = 1.0
+LISTEN_BACKLOG: Final = 1024
+
+
+# -- resources (admin application's cleanup_ctx) --------------------------------------------------
+
+
+def _token_ctx(
+    credentials: Credentials,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def token_ctx(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        metrics = app[METRICS]
+
+        def on_fetch(outcome: str, duration_s: float) -> None:
+            metrics.token_requests.labels(outcome=outcome).inc()
+            metrics.token_fetch.observe(duration_s)
+
+        async with oauth.make_session(config) as session:
+            provider = TokenProvider(config, credentials, session, on_fetch=on_fetch)
+            provider.start()
+            app[TOKENS] = provider
+            try:
+                yield
+            finally:
+                await provider.close()
+
+    return token_ctx
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with forward.make_session(app[CONFIG], app[TOKENS].credentials) as session:
+        app[FORWARDER] = Forwarder(app[CONFIG], app[TOKENS], session)
+        yield
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RunningProxy:
+    """Both listeners, started; ``close`` stops them in order."""
+
+    admin_runner: web.AppRunner
+    proxy_runner: web.ServerRunner
+    admin_app: web.Application
+    drain: Drain
+    proxy_url: str
+    admin_url: str
+    drain_s: float = 20.0
+
+    @property
+    def tokens(self) -> TokenProvider:
+        """Return the token provider, the one holder of the credentials in use."""
+        return self.admin_app[TOKENS]
+
+    async def close(self) -> None:
+        """Turn readiness off, stop accepting, let in-flight requests finish, then close all.
+
+        In-flight requests get ``drain_s`` in all; whatever still runs then is cancelled.
+        """
+        self.drain.draining = True
+        for site in list(self.proxy_runner.sites):
+            await site.stop()
+        server = self.proxy_runner.server
+        if server is not None:
+            server.pre_shutdown()  # keep-alive connections close once their request is done
+        if self.drain.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drain.idle.wait(), self.drain_s)
+        left = list(self.drain.tasks)
+        if left:
+            log.warning(
+                "drain time over; cancelling requests in flight", extra={"requests": len(left)}
+            )
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=CANCEL_GRACE_S)
+        await self.proxy_runner.cleanup()
+        await self.admin_runner.cleanup()
+
+
+async def start(
+    config: Config,
+    credentials: Credentials,
+    *,
+    drain_s: float = 20.0,
+    admin_socket: Path | None = None,
+) -> RunningProxy:
+    """Create the resources and start both listeners; return once they accept connections.
+
+    With ``admin_socket`` (a worker of ``listen.workers`` > 1) the admin application listens on
+    that Unix socket instead of ``admin.port``, and the proxy port is bound with SO_REUSEPORT.
+    """
+    check_c_parser()
+    drain = Drain()
+    admin_app = make_admin_app(config, drain)
+    admin_app.cleanup_ctx.append(_token_ctx(credentials))
+    admin_app.cleanup_ctx.append(_upstream_ctx)
+    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    await admin_runner.setup()
+    try:
+        if admin_socket is None:
+            admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
+            await listen(admin_site, "admin", config.admin.host, config.admin.port)
+        else:
+            await web.UnixSite(admin_runner, str(admin_socket)).start()
+        handler = ProxyHandler(
+            config,
+            forwarder=admin_app[FORWARDER],
+            metrics=admin_app[METRICS],
+            drain=admin_app[DRAIN],
+            port=config.listen.port,
+        )
+        server = ProxyServer(
+            handler,
+            metrics=admin_app[METRICS],
+            handler_cancellation=True,
+            keepalive_timeout=config.listen.keepalive_timeout_s,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_FIELD_BYTES,
+            max_headers=MAX_HEADERS,
+            auto_decompress=False,
+            access_log=None,
+            # After a refused body (413, 408) close at once instead of draining it for 10 s.
+            lingering_time=0,
+        )
+        proxy_runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=CANCEL_GRACE_S
+        )
+        await proxy_runner.setup()
+        # A deeper accept queue than aiohttp's 128: bursts of new connections are not dropped.
+        proxy_site = web.TCPSite(
+            proxy_runner,
+            config.listen.host,
+            config.listen.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=admin_socket is not None,
+        )
+        await listen(proxy_site, "listen", config.listen.host, config.listen.port)
+    except BaseException:
+        await admin_runner.cleanup()
+        raise
+    # listen.port may be 0 (any free port): the Host check needs the one bound.
+    handler.port = bound_port(proxy_runner)
+    if not config.listen.is_loopback:
+        log.warning(
+            "the proxy listener is bound to a non-loopback address: anyone who can reach it "
+            "acts with the partner's authority at KSZ",
+            extra={"host": config.listen.host},
+        )
+    return RunningProxy(
+        drain_s=drain_s,
+        admin_runner=admin_runner,
+        proxy_runner=proxy_runner,
+        admin_app=admin_app,
+        drain=drain,
+        proxy_url=f"http://{authority(config.listen.host, handler.port)}",
+        admin_url=f"http://{authority(config.admin.host, bound_port(admin_runner))}"
+        if admin_socket is None
+        else f"unix:{admin_socket}",
+    )
+
+
+def reload_credentials(running: RunningProxy, environ: dict[str, str] | None = None) -> bool:
+    """Re-read the keystore, key, certificate and password; on success, fetch fresh tokens.
+
+    Invalid new material changes nothing: the old credentials keep serving and an error is
+    logged. Only the credentials are reloaded; other configuration changes need a restart.
+    """
+    app = running.admin_app
+    old = app[CONFIG]
+    if old.source is None:
+        log.error("credential reload skipped: the configuration was not read from a file")
+        return False
+    try:
+        config = load_config(old.source, environ if environ is not None else dict(os.environ))
+        credentials = load_credentials(config.client)
+        check_algorithm(credentials, old.oauth.algorithm)
+    except ProxyError as exc:
+        log.error(
+            "credential reload failed; keeping the current credentials", extra={"error": exc.detail}
+        )
+        return False
+    app[TOKENS].replace_credentials(credentials)
+    log.info(
+        "credentials reloaded",
+        extra={
+            "subject": credentials.subject,
+            "serial": credentials.serial,
+            "not_after": credentials.not_after.isoformat(),
+        },
+    )
+    return True
+
+
+async def listen(site: web.TCPSite, key: str, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}.port: cannot listen on {authority(host, port)} ({exc.strerror or exc})"
+        ) from None
+
+
+def bound_port(runner: web.BaseRunner) -> int:
+    """Return the TCP port ``runner`` listens on (0 when it has none)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return 0
+
+
+def authority(host: str, port: int) -> str:
+    """Return ``host:port``, with brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSetup:
+    """What a worker needs to know about its place: index, admin socket, supervisor."""
+
+    index: int
+    admin_socket: Path
+    supervisor_pid: int
+
+
+def summary(config: Config, credentials: Credentials, proxy_url: str) -> dict[str, Any]:
+    """Return the fields of the start-up line: what runs, against what, with which certificate."""
+    return {
+        "version": __version__,
+        "proxy": proxy_url,
+        "environment": config.environment,
+        "channel": config.channel,
+        "token_url": config.oauth.token_url or config.oauth.discovery_url,
+        "upstream_url": config.upstream.url,
+        "routes": " ".join(r.prefix for r in config.routes),
+        "client_id": config.client.id,
+        "certificate_subject": credentials.subject,
+        "certificate_not_after": credentials.not_after.isoformat(),
+        "certificate_days_left": credentials.days_left(),
+    }
+
+
+async def serve(
+    config: Config, credentials: Credentials, *, worker: WorkerSetup | None = None
+) -> int:
+    """Run the proxy until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads credentials.
+
+    Returns the exit code (0). As a worker of ``listen.workers`` > 1, also stop once the
+    supervisor is gone.
+    """
+    drain_s = config.listen.drain_timeout_s
+    running = await start(
+        config,
+        credentials,
+        drain_s=drain_s,
+        admin_socket=worker.admin_socket if worker is not None else None,
+    )
+    # What start-up built (modules, keys, configuration) lives as long as the process: keep it
+    # out of the collector's full passes, which otherwise pause the loop for over 10 ms each.
+    gc.collect()
+    gc.freeze()
+    stop = asyncio.Event()
+    watching: asyncio.Task[None] | None = None
+    # With listen.workers, every line of a worker's own says which worker it is.
+    who: dict[str, object] = {} if worker is None else {"worker": worker.index}
+    if worker is None:
+        fields = summary(config, credentials, running.proxy_url)
+        run_log.info("ksz-proxy started", extra={**fields, "admin": running.admin_url})
+    else:
+        run_log.info("worker started", extra={**who, "pid": os.getpid()})
+        watching = asyncio.create_task(watch_supervisor(worker, stop))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_credentials, running)
+    try:
+        await stop.wait()
+        run_log.info("stopping: draining in-flight requests", extra={"drain_s": drain_s, **who})
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        if watching is not None:
+            watching.cancel()
+        await running.close()
+    run_log.info("ksz-proxy stopped" if worker is None else "worker stopped", extra=who)
+    return 0
+
+
+async def watch_supervisor(setup: WorkerSetup, stop: asyncio.Event) -> None:
+    """Set ``stop`` once the supervisor is gone (this worker was re-parented)."""
+    while not stop.is_set():
+        if os.getppid() != setup.supervisor_pid:
+            run_log.error("supervisor gone; stopping", extra={"worker": setup.index})
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
