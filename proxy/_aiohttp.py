@@ -26,8 +26,7 @@ def check_c_parser() -> None:
     if http_parser.HttpRequestParser.__module__ != C_PARSER_MODULE:
         raise ParserError(
             "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp was "
-            "installed without its compiled extension); ksz-proxy refuses the Python fallback",
-            reason="no_c_parser",
+            "installed without its compiled extension); ksz-proxy refuses the Python fallback"
         )
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.drain import Drain
-from proxy.errors import RequestRejected
+from proxy.errors import NotReady
 from proxy.forward import Forwarder
 from proxy.health import assess
 from proxy.metrics import Metrics, scope_label
@@ -74,7 +74,7 @@ Route = tuple[str, Callable[[web.Request], Awaitable[web.Response]]]
 
 def not_ready(reason: str, detail: str, *, instance: str = "/readyz") -> web.Response:
     """Return an admin path's 503 problem answer, asking to come back in a second."""
-    error = RequestRejected(503, reason, detail, retry_after_s=1)
+    error = NotReady(detail, reason=reason)
     return problem_response(error, instance=instance, trace_id="-")
 
 

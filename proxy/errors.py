@@ -1,16 +1,24 @@
 """Own every error ksz-proxy raises, with its HTTP status and stable reason code.
 
-The tree::
+The tree (``code`` is the reason code answers, logs and metrics carry)::
 
     ProxyError                     any failure ksz-proxy reports itself
     ├── ConfigError                the configuration file is wrong   (CLI exit 2)
     ├── CredentialError            key, certificate or keystore wrong (CLI exit 2)
+    ├── ParserError                aiohttp's C HTTP parser is missing (CLI exit 1)
     ├── TokenUnavailable           no usable token for a scope set    (503)
-    │                   unreachable | timeout | tls | unavailable | rejected | invalid_response
+    │                   code: token_unreachable | token_timeout | token_tls | token_unavailable
+    │                         | token_rejected | token_invalid_response
     ├── UpstreamError              the KSZ REST endpoint failed       (502)
-    │   │                          reason: dns | connect | tls | reset | protocol
-    │   └── UpstreamTimeout        ... or did not answer in time      (504)
-    └── RequestRejected            the caller's request is refused    (400, 403, 404, 405, ...)
+    │   │                   code: upstream_dns | upstream_connect | upstream_tls
+    │   │                         | upstream_reset | upstream_protocol
+    │   └── UpstreamTimeout        ... or did not answer in time      (504, upstream_timeout)
+    ├── RequestRejected            the caller's request is refused    (400, 403, 404, 405, ...)
+    ├── NotReady                   not serving now: draining, no token yet, overloaded (503)
+    └── InternalError              a bug in the proxy                 (500, internal)
+
+Every error is made the same way: ``Error(detail, *, reason=..., ...)``; what the answer says
+(status, reason, retry-after hint) is fixed at construction and never changed afterwards.
 
 Lower-library errors (aiohttp, ssl, cryptography, OSError) are translated into this tree at
 exactly one edge each, with ``raise X(...) from exc``. Messages are fixed texts or name a key path
@@ -38,16 +46,28 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     problem_type: ClassVar[str] = BELGIF + "internalServerError"
     title: ClassVar[str] = "Internal Server Error"
+    # What ``code`` puts before the reason: the family, where reasons alone would be ambiguous.
+    code_prefix: ClassVar[str] = ""
 
-    def __init__(self, detail: str, *, reason: str = "internal") -> None:
+    def __init__(
+        self, detail: str, *, reason: str = "internal", retry_after_s: float | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.reason = reason
+        self._retry_after_s = retry_after_s
+
+    @property
+    def code(self) -> str:
+        """Return the stable reason code used in problem+json answers, logs and metrics."""
+        return self.code_prefix + self.reason
 
     @property
     def retry_after_s(self) -> int | None:
         """Return the Retry-After hint in whole seconds, if the error has one."""
-        return None
+        if self._retry_after_s is None:
+            return None
+        return max(1, math.ceil(self._retry_after_s))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reason={self.reason!r}, detail={self.detail!r})"
@@ -70,18 +90,23 @@ class CredentialError(ProxyError):
 class ParserError(ProxyError):
     """aiohttp's C HTTP parser is not in use; the pure-Python fallback is refused."""
 
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, reason="no_c_parser")
+
 
 class TokenUnavailable(ProxyError):
     """No usable access token: the token endpoint failed and no cached token is still valid.
 
     ``reason`` is one of ``unreachable``, ``timeout``, ``tls``, ``unavailable`` (the endpoint
     answered 429 or 5xx), ``rejected`` (then ``oauth_error`` carries the RFC 6749 error code, for
-    example ``invalid_client``) or ``invalid_response``.
+    example ``invalid_client``) or ``invalid_response``. ``hint_s`` is the server's own
+    Retry-After, when it sent one; the provider's backoff honours it.
     """
 
     status = 503
     problem_type = BELGIF + "serviceUnavailable"
     title = "Service Unavailable"
+    code_prefix = "token_"
 
     REASONS: ClassVar[frozenset[str]] = frozenset(
         {"unreachable", "timeout", "tls", "unavailable", "rejected", "invalid_response"}
@@ -89,32 +114,33 @@ class TokenUnavailable(ProxyError):
 
     def __init__(
         self,
-        reason: str,
         detail: str,
         *,
+        reason: str,
         oauth_error: str | None = None,
         retry_after_s: float = 5.0,
+        hint_s: float | None = None,
     ) -> None:
         if reason not in self.REASONS:
             raise ValueError(f"unknown token failure reason {reason!r}")
-        super().__init__(detail, reason=reason)
+        super().__init__(detail, reason=reason, retry_after_s=retry_after_s)
         self.oauth_error = oauth_error
-        self._retry_after_s = retry_after_s
-        # The server's own Retry-After, when it sent one; the provider's backoff honours it.
-        self.hint_s: float | None = None
+        self.hint_s = hint_s
 
     @property
     def retry_after_s(self) -> int:
-        return max(1, math.ceil(self._retry_after_s))
+        """Return the Retry-After hint in whole seconds; a token failure always has one."""
+        return super().retry_after_s or 1
 
-    def set_retry_after(self, seconds: float) -> None:
-        """Set the retry-after hint callers will see (the provider's next attempt)."""
-        self._retry_after_s = seconds
-
-    @property
-    def problem_reason(self) -> str:
-        """Return the reason code used in problem+json answers and metrics (``token_<reason>``)."""
-        return f"token_{self.reason}"
+    def retry_in(self, seconds: float) -> TokenUnavailable:
+        """Return the same failure, telling callers to come back in ``seconds``."""
+        return TokenUnavailable(
+            self.detail,
+            reason=self.reason,
+            oauth_error=self.oauth_error,
+            retry_after_s=seconds,
+            hint_s=self.hint_s,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -132,11 +158,10 @@ class UpstreamError(ProxyError):
     status = 502
     problem_type = BELGIF + "badGateway"
     title = "Bad Gateway"
+    code_prefix = "upstream_"
 
-    @property
-    def problem_reason(self) -> str:
-        """Return the reason code used in problem+json answers (``upstream_<reason>``)."""
-        return f"upstream_{self.reason}"
+    def __init__(self, detail: str, *, reason: str) -> None:
+        super().__init__(detail, reason=reason)
 
 
 class UpstreamTimeout(UpstreamError):
@@ -163,23 +188,27 @@ class RequestRejected(ProxyError):
         414: (OWN + "uriTooLong", "URI Too Long"),
         421: (OWN + "misdirectedRequest", "Misdirected Request"),
         431: (OWN + "requestHeaderFieldsTooLarge", "Request Header Fields Too Large"),
-        500: (BELGIF + "internalServerError", "Internal Server Error"),
-        503: (BELGIF + "serviceUnavailable", "Service Unavailable"),
     }
 
-    def __init__(
-        self, status: int, reason: str, detail: str, *, retry_after_s: int | None = None
-    ) -> None:
+    def __init__(self, detail: str, *, status: int, reason: str) -> None:
         super().__init__(detail, reason=reason)
         self.status = status  # type: ignore[misc]  # per instance on purpose
         self.problem_type, self.title = self._TYPES[status]  # type: ignore[misc]
-        self._retry_after_s = retry_after_s
 
-    @property
-    def retry_after_s(self) -> int | None:
-        return self._retry_after_s
 
-    @property
-    def problem_reason(self) -> str:
-        """Return the reason code used in problem+json answers."""
-        return self.reason
+class NotReady(ProxyError):
+    """The proxy cannot serve now (draining, no token yet, overloaded); come back in a second."""
+
+    status = 503
+    problem_type = BELGIF + "serviceUnavailable"
+    title = "Service Unavailable"
+
+    def __init__(self, detail: str, *, reason: str, retry_after_s: float = 1) -> None:
+        super().__init__(detail, reason=reason, retry_after_s=retry_after_s)
+
+
+class InternalError(ProxyError):
+    """The proxy failed in a way it did not foresee (a bug); the answer says nothing more."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, reason="internal")

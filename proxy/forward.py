@@ -284,7 +284,7 @@ class Forwarder:
                 # Headers are gone already: a clean end would pass a truncated body for whole.
                 log.warning(
                     "upstream failed while streaming the answer; caller connection cut",
-                    extra={"reason": error.problem_reason},
+                    extra={"reason": error.code},
                 )
                 if request.transport is not None:
                     request.transport.abort()
@@ -342,8 +342,12 @@ def translate(exc: BaseException) -> UpstreamError:
 
 
 def _too_large() -> RequestRejected:
-    return RequestRejected(413, "payload_too_large", "The request body exceeds the size limit.")
+    return RequestRejected(
+        "The request body exceeds the size limit.", status=413, reason="payload_too_large"
+    )
 
 
 def _too_slow() -> RequestRejected:
-    return RequestRejected(408, "body_timeout", "The request body did not arrive in time.")
+    return RequestRejected(
+        "The request body did not arrive in time.", status=408, reason="body_timeout"
+    )

@@ -21,7 +21,7 @@ from proxy import logs
 from proxy._aiohttp import CustomHandlerServer, answer_started, forget_interim_output, server_of
 from proxy.config import Config, Route
 from proxy.drain import Drain
-from proxy.errors import ProxyError, RequestRejected, UpstreamError
+from proxy.errors import InternalError, NotReady, ProxyError, RequestRejected, UpstreamError
 from proxy.forward import Exchange, Forwarder
 from proxy.headers import new_trace_id, trace_id_for
 from proxy.inbound import (
@@ -38,7 +38,7 @@ from proxy.inbound import (
     split_target,
 )
 from proxy.metrics import Metrics
-from proxy.problems import problem_reason, problem_response
+from proxy.problems import problem_response
 
 # The logger names stay those of the former proxy.app (README, "Logs").
 log = logging.getLogger("ksz_proxy.app")
@@ -84,9 +84,7 @@ class ProxyHandler:
         drain.enter(task)
         try:
             if drain.in_flight > self._max_in_flight:
-                raise RequestRejected(
-                    503, "overloaded", "Too many requests in flight.", retry_after_s=1
-                )
+                raise NotReady("Too many requests in flight.", reason="overloaded")
             route = self._accept(request)
             route_prefix = route.prefix
             await self._continue(request)
@@ -144,13 +142,17 @@ class ProxyHandler:
         """Apply the inbound policy and return the route; raise RequestRejected otherwise."""
         check_method(request.method)
         if request.raw_path == "*":
-            raise RequestRejected(405, "method_not_allowed", "OPTIONS * is not forwarded.")
+            raise RequestRejected(
+                "OPTIONS * is not forwarded.", status=405, reason="method_not_allowed"
+            )
         check_version(request.version)
         check_fragment(request.raw_path)
         raw_path, _query = split_target(request.raw_path)
         headers = request.headers
         if len(headers.getall("Host", ())) > 1:
-            raise RequestRejected(400, "bad_host", "Exactly one Host header is required.")
+            raise RequestRejected(
+                "Exactly one Host header is required.", status=400, reason="bad_host"
+            )
         check_host(headers.get("Host"), self._config.listen, self.port)
         check_browser(headers)
         check_proxy_key(headers, self._proxy_key)
@@ -164,11 +166,13 @@ class ProxyHandler:
         if expect is None:
             return
         if expect.strip().lower() != "100-continue":
-            raise RequestRejected(400, "bad_expect", "Only Expect: 100-continue is supported.")
+            raise RequestRejected(
+                "Only Expect: 100-continue is supported.", status=400, reason="bad_expect"
+            )
         length = request.content_length
         if length is not None and length > self._max_body:
             raise RequestRejected(
-                413, "payload_too_large", "The request body exceeds the size limit."
+                "The request body exceeds the size limit.", status=413, reason="payload_too_large"
             )
         if request.version >= aiohttp.HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -184,7 +188,7 @@ class ProxyHandler:
                 extra={
                     "trace_id": trace_id,
                     "status": error.status,
-                    "reason": problem_reason(error),
+                    "reason": error.code,
                 },
             )
         return problem_response(
@@ -214,21 +218,24 @@ class _ProxyRequestHandler(RequestHandler):
         if answer_started(request):
             raise ConnectionError("the answer has started; the connection is cut")
         name = type(exc).__name__ if exc is not None else None
+        error: ProxyError
         if status >= 500:
             frames = "".join(traceback.format_tb(exc.__traceback__)) if exc else ""
             # The frames without the exception's message, which may quote request data.
             log.error(
                 "unexpected error in the request handler", extra={"error": name, "frames": frames}
             )
-            error = RequestRejected(500, "internal", "The proxy failed to handle the request.")
+            error = InternalError("The proxy failed to handle the request.")
         else:
             log.info("malformed request refused", extra={"error": name, "status": status})
             if status not in (400, 413, 414, 431):
                 status = 400
+            error = RequestRejected(
+                "The request is not valid HTTP/1.1.", status=status, reason="bad_request"
+            )
         server = server_of(self)
         if isinstance(server, ProxyServer):
             server.metrics.observe_request("unrouted", "OTHER", status, 0.0)
-            error = RequestRejected(status, "bad_request", "The request is not valid HTTP/1.1.")
         return problem_response(error, instance="-", trace_id=new_trace_id(), close=True)
 
 

@@ -44,14 +44,18 @@ _VERSIONS: Final = frozenset({(1, 0), (1, 1)})
 def check_method(method: str) -> None:
     """Refuse methods a REST client never needs (CONNECT, TRACE, unknown)."""
     if method not in ALLOWED_METHODS:
-        raise RequestRejected(405, "method_not_allowed", "This method is not forwarded.")
+        raise RequestRejected(
+            "This method is not forwarded.", status=405, reason="method_not_allowed"
+        )
 
 
 def split_target(raw_target: str) -> tuple[str, str]:
     """Split an origin-form request target into (raw path, raw query with its '?', or '')."""
     if not raw_target.startswith("/"):
         # absolute-form (http://host/x), authority-form or asterisk-form (OPTIONS *)
-        raise RequestRejected(400, "bad_target", "Only origin-form request targets are accepted.")
+        raise RequestRejected(
+            "Only origin-form request targets are accepted.", status=400, reason="bad_target"
+        )
     path, sep, query = raw_target.partition("?")
     return path, sep + query
 
@@ -63,13 +67,17 @@ def check_version(version: tuple[int, int]) -> None:
     then reads header lines after them: framing other parsers read differently.
     """
     if tuple(version) not in _VERSIONS:
-        raise RequestRejected(400, "bad_request", "The request is not valid HTTP/1.1.")
+        raise RequestRejected(
+            "The request is not valid HTTP/1.1.", status=400, reason="bad_request"
+        )
 
 
 def check_fragment(raw_target: str) -> None:
     """Refuse a target with a fragment (``#``), which the upstream request could not carry."""
     if "#" in raw_target:
-        raise RequestRejected(400, "bad_target", "The request target carries a fragment.")
+        raise RequestRejected(
+            "The request target carries a fragment.", status=400, reason="bad_target"
+        )
 
 
 def check_path(raw_path: str) -> None:
@@ -79,18 +87,20 @@ def check_path(raw_path: str) -> None:
         or _CONTROL.search(raw_path)
         or ("%" in raw_path and _BAD_PERCENT.search(raw_path))
     ):
-        raise RequestRejected(400, "bad_path", "The request path is not acceptable.")
+        raise RequestRejected("The request path is not acceptable.", status=400, reason="bad_path")
     # Some servers decode twice (``%252e`` is ``.`` to them) or decode before they strip
     # ``;params`` (``..%3b`` is ``..``): check the structure of every decoding, byte by byte.
     path = raw_path
     for _ in range(_MAX_DECODINGS + 1):
         if _ambiguous_structure(path):
-            raise RequestRejected(400, "bad_path", "The request path is not acceptable.")
+            raise RequestRejected(
+                "The request path is not acceptable.", status=400, reason="bad_path"
+            )
         decoded = unquote(path, encoding="latin-1")
         if decoded == path:
             return
         path = decoded
-    raise RequestRejected(400, "bad_path", "The request path is not acceptable.")
+    raise RequestRejected("The request path is not acceptable.", status=400, reason="bad_path")
 
 
 def _ambiguous_structure(path: str) -> bool:
@@ -107,18 +117,22 @@ def find_route(routes: Iterable[Route], raw_path: str) -> Route:
     for route in routes:
         if route.matches(raw_path):
             return route
-    raise RequestRejected(404, "no_route", "No route is configured for this path.")
+    raise RequestRejected("No route is configured for this path.", status=404, reason="no_route")
 
 
 def check_host(host: str | None, listen: ListenConfig, port: int) -> None:
     """Refuse a ``Host`` that is not ours: a DNS-rebinding page names its own host."""
     if not host:
-        raise RequestRejected(400, "missing_host", "A Host header is required.")
+        raise RequestRejected("A Host header is required.", status=400, reason="missing_host")
     name, host_port = parse_host(host)
     if name is None or name not in listen.allowed_hosts:
-        raise RequestRejected(421, "host_not_allowed", "This Host is not served here.")
+        raise RequestRejected(
+            "This Host is not served here.", status=421, reason="host_not_allowed"
+        )
     if host_port is not None and host_port != port:
-        raise RequestRejected(421, "host_not_allowed", "This Host is not served here.")
+        raise RequestRejected(
+            "This Host is not served here.", status=421, reason="host_not_allowed"
+        )
 
 
 def parse_host(host: str) -> tuple[str | None, int | None]:
@@ -148,13 +162,17 @@ def check_browser(headers: MultiMapping[str]) -> None:
     if "Origin" in headers or any(
         site.strip().lower() != "none" for site in headers.getall("Sec-Fetch-Site", ())
     ):
-        raise RequestRejected(403, "browser_request", "Browser requests are not forwarded.")
+        raise RequestRejected(
+            "Browser requests are not forwarded.", status=403, reason="browser_request"
+        )
 
 
 def check_upgrade(headers: Mapping[str, str]) -> None:
     """Refuse protocol upgrades (websocket, h2c): the proxy forwards plain HTTP/1.1 only."""
     if "Upgrade" in headers or "HTTP2-Settings" in headers:
-        raise RequestRejected(400, "upgrade_refused", "Protocol upgrades are not supported.")
+        raise RequestRejected(
+            "Protocol upgrades are not supported.", status=400, reason="upgrade_refused"
+        )
 
 
 def check_proxy_key(headers: MultiMapping[str], expected: bytes | None) -> None:
@@ -164,4 +182,6 @@ def check_proxy_key(headers: MultiMapping[str], expected: bytes | None) -> None:
     values = headers.getall(PROXY_KEY_HEADER, ())
     given = values[0].encode("utf-8", "surrogateescape") if len(values) == 1 else b""
     if not hmac.compare_digest(given, expected):
-        raise RequestRejected(403, "proxy_key", "A valid X-KSZ-Proxy-Key header is required.")
+        raise RequestRejected(
+            "A valid X-KSZ-Proxy-Key header is required.", status=403, reason="proxy_key"
+        )

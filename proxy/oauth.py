@@ -92,7 +92,7 @@ def parse_token_response(
 ) -> tuple[str, int, str | None, bool]:
     """Validate a 200 token answer; return (token, expires_in, scope, expires_in_defaulted).
 
-    Raises ``TokenUnavailable("invalid_response")`` for anything but a proper Bearer token answer.
+    Raises ``TokenUnavailable`` (``invalid_response``) for anything but a proper Bearer answer.
     """
     try:
         data = json.loads(body)
@@ -124,8 +124,8 @@ def parse_token_response(
     return token, expires_in, scope if isinstance(scope, str) else None, defaulted
 
 
-def _invalid(detail: str) -> TokenUnavailable:
-    return TokenUnavailable("invalid_response", detail)
+def _invalid(detail: str, *, hint_s: float | None = None) -> TokenUnavailable:
+    return TokenUnavailable(detail, reason="invalid_response", hint_s=hint_s)
 
 
 def make_session(config: Config, *, limit: int = 4) -> aiohttp.ClientSession:
@@ -266,41 +266,48 @@ class OAuthClient:
                 body = await response.content.read(MAX_RESPONSE_BYTES)
                 return body, response.status, response.headers
         except TimeoutError:
-            raise TokenUnavailable("timeout", "the token endpoint did not answer in time") from None
+            raise TokenUnavailable(
+                "the token endpoint did not answer in time", reason="timeout"
+            ) from None
         except aiohttp.ClientConnectorCertificateError:
             raise TokenUnavailable(
-                "tls", "the token endpoint's TLS certificate is not trusted"
+                "the token endpoint's TLS certificate is not trusted", reason="tls"
             ) from None
         except (aiohttp.ClientSSLError, ssl.SSLError):
-            raise TokenUnavailable("tls", "TLS handshake with the token endpoint failed") from None
+            raise TokenUnavailable(
+                "TLS handshake with the token endpoint failed", reason="tls"
+            ) from None
         except aiohttp.ClientConnectorDNSError:
             raise TokenUnavailable(
-                "unreachable", "the token endpoint's host name does not resolve"
+                "the token endpoint's host name does not resolve", reason="unreachable"
             ) from None
         except (aiohttp.ClientError, OSError):
             # Never log the client error itself: its repr may carry request details.
-            raise TokenUnavailable("unreachable", "the token endpoint is unreachable") from None
+            raise TokenUnavailable(
+                "the token endpoint is unreachable", reason="unreachable"
+            ) from None
 
     def _http_failure(
         self, status: int, body: bytes, headers: Mapping[str, str]
     ) -> TokenUnavailable:
         hint = parse_retry_after(headers.get("Retry-After"), now_wall=self._wall())
         if 300 <= status < 400:
-            exc = _invalid(f"the token endpoint answered a redirect (HTTP {status}); not followed")
-        elif status in (400, 401, 403):
+            detail = f"the token endpoint answered a redirect (HTTP {status}); not followed"
+            return _invalid(detail, hint_s=hint)
+        if status in (400, 401, 403):
             code = _oauth_error(body)
-            exc = TokenUnavailable(
-                "rejected",
+            return TokenUnavailable(
                 f"the token endpoint refused the request (HTTP {status}, "
                 f"{code or 'no error code'})",
+                reason="rejected",
                 oauth_error=code,
+                hint_s=hint,
             )
-        elif status == 429 or status >= 500:
-            exc = TokenUnavailable("unavailable", f"the token endpoint answered HTTP {status}")
-        else:
-            exc = _invalid(f"the token endpoint answered HTTP {status}")
-        exc.hint_s = hint
-        return exc
+        if status == 429 or status >= 500:
+            return TokenUnavailable(
+                f"the token endpoint answered HTTP {status}", reason="unavailable", hint_s=hint
+            )
+        return _invalid(f"the token endpoint answered HTTP {status}", hint_s=hint)
 
     def _note_skew(self, date: str | None) -> None:
         if not date:

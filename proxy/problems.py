@@ -11,16 +11,9 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.errors import ProxyError, RequestRejected, TokenUnavailable, UpstreamError
+from proxy.errors import ProxyError, TokenUnavailable
 
 PROBLEM_JSON: Final = "application/problem+json"
-
-
-def problem_reason(error: ProxyError) -> str:
-    """Return the stable reason code an error carries in answers, logs and metrics."""
-    if isinstance(error, TokenUnavailable | UpstreamError | RequestRejected):
-        return error.problem_reason
-    return error.reason
 
 
 def problem_body(error: ProxyError, *, instance: str) -> dict[str, object]:
@@ -31,7 +24,7 @@ def problem_body(error: ProxyError, *, instance: str) -> dict[str, object]:
         "status": error.status,
         "detail": error.detail,
         "instance": instance,
-        "reason": problem_reason(error),
+        "reason": error.code,
     }
     if isinstance(error, TokenUnavailable) and error.oauth_error:
         body["oauthError"] = error.oauth_error

@@ -146,12 +146,7 @@ class TokenProvider:
         fetch = entry.in_flight
         if fetch is None:
             if entry.last_error is not None and now < entry.retry_at:
-                raise TokenUnavailable(
-                    entry.last_error.reason,
-                    entry.last_error.detail,
-                    oauth_error=entry.last_error.oauth_error,
-                    retry_after_s=entry.retry_at - now,
-                )
+                raise entry.last_error.retry_in(entry.retry_at - now)
             return await asyncio.shield(self._start_fetch(entry))
         return await asyncio.shield(fetch)
 
@@ -268,9 +263,9 @@ class TokenProvider:
         try:
             token = await self._client.fetch(entry.scopes)
         except TokenUnavailable as exc:
-            self._record_failure(entry, exc)
+            failure = self._record_failure(entry, exc)
             self._on_fetch(entry.last_outcome or "error", time.perf_counter() - started)
-            raise
+            raise failure from None
         self._on_fetch("success", time.perf_counter() - started)
         entry.failures = 0
         entry.retry_at = 0.0
@@ -279,7 +274,8 @@ class TokenProvider:
         self._tokens[entry.scopes] = token
         return token
 
-    def _record_failure(self, entry: _Entry, exc: TokenUnavailable) -> None:
+    def _record_failure(self, entry: _Entry, exc: TokenUnavailable) -> TokenUnavailable:
+        """Record a failed request; return the failure callers see, with the backoff as hint."""
         entry.failures += 1
         delay = backoff_delay(
             entry.failures,
@@ -291,8 +287,7 @@ class TokenProvider:
         if hinted is not None:
             delay = max(delay, hinted)
         entry.retry_at = self._clock() + delay
-        exc.set_retry_after(delay)
-        entry.last_error = exc
+        entry.last_error = exc.retry_in(delay)
         entry.last_outcome = "rejected" if exc.reason == "rejected" else "error"
         log.warning(
             "token request failed",
@@ -306,3 +301,4 @@ class TokenProvider:
                 "consecutive_failures": entry.failures,
             },
         )
+        return entry.last_error

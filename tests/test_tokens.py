@@ -381,7 +381,7 @@ async def test_unknown_client_is_rejected_with_its_oauth_error(
         await provider.get(SCOPES)
     assert info.value.reason == "rejected"
     assert info.value.oauth_error == "invalid_client"
-    assert info.value.problem_reason == "token_rejected"
+    assert info.value.code == "token_rejected"
     assert provider.status()[0].last_outcome == "rejected"
 
 
