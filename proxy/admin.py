@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from proxy.config import Config
 from proxy.drain import Drain
@@ -36,7 +37,9 @@ TOKENS: Final = web.AppKey("tokens", TokenProvider)
 FORWARDER: Final = web.AppKey("forwarder", Forwarder)
 METRICS: Final = web.AppKey("metrics", Metrics)
 
-METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# The text format generate_latest writes, as answered since the first release. Not
+# CONTENT_TYPE_LATEST: since prometheus-client 0.23 that names format 1.0.0, a change of answer.
+METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 _HEALTH_RANK: Final = {"UP": 0, "DEGRADED": 1, "DOWN": 2}
 _SAMPLE_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
