@@ -239,6 +239,25 @@ class _ProxyRequestHandler(RequestHandler):
         return problem_response(error, instance="-", trace_id=new_trace_id(), close=True)
 
 
+def make_proxy_server(
+    handler: ProxyHandler, *, metrics: Metrics, keepalive_timeout_s: float
+) -> ProxyServer:
+    """Return the proxy listener's server for ``handler``, with its parser limits."""
+    return ProxyServer(
+        handler,
+        metrics=metrics,
+        handler_cancellation=True,
+        keepalive_timeout=keepalive_timeout_s,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_FIELD_BYTES,
+        max_headers=MAX_HEADERS,
+        auto_decompress=False,
+        access_log=None,
+        # After a refused body (413, 408) close at once instead of draining it for 10 s.
+        lingering_time=0,
+    )
+
+
 class ProxyServer(CustomHandlerServer):
     """The proxy listener's low-level server; its connections use ``_ProxyRequestHandler``."""
 

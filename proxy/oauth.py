@@ -151,16 +151,14 @@ class OAuthClient:
         config: Config,
         credentials: Credentials,
         session: aiohttp.ClientSession,
-        *,
-        clock: Clock = time.monotonic,
-        wall_clock: Clock = time.time,
+        clocks: tuple[Clock, Clock],
     ) -> None:
+        """Sign with ``credentials``; ``clocks`` are the monotonic and the wall clock."""
         self._config = config
         self._oauth = config.oauth
         self.credentials = credentials
         self._session = session
-        self._clock = clock
-        self._wall = wall_clock
+        self._clock, self._wall = clocks
         self._token_url: str | None = config.oauth.token_url
         self._discovery: asyncio.Task[str] | None = None
         self.requests_sent = 0
@@ -265,27 +263,9 @@ class OAuthClient:
             ) as response:
                 body = await response.content.read(MAX_RESPONSE_BYTES)
                 return body, response.status, response.headers
-        except TimeoutError:
-            raise TokenUnavailable(
-                "the token endpoint did not answer in time", reason="timeout"
-            ) from None
-        except aiohttp.ClientConnectorCertificateError:
-            raise TokenUnavailable(
-                "the token endpoint's TLS certificate is not trusted", reason="tls"
-            ) from None
-        except (aiohttp.ClientSSLError, ssl.SSLError):
-            raise TokenUnavailable(
-                "TLS handshake with the token endpoint failed", reason="tls"
-            ) from None
-        except aiohttp.ClientConnectorDNSError:
-            raise TokenUnavailable(
-                "the token endpoint's host name does not resolve", reason="unreachable"
-            ) from None
-        except (aiohttp.ClientError, OSError):
+        except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             # Never log the client error itself: its repr may carry request details.
-            raise TokenUnavailable(
-                "the token endpoint is unreachable", reason="unreachable"
-            ) from None
+            raise _transport_failure(exc) from None
 
     def _http_failure(
         self, status: int, body: bytes, headers: Mapping[str, str]
@@ -317,6 +297,21 @@ class OAuthClient:
         except (TypeError, ValueError):
             return
         self.clock_skew_s = server - self._wall()
+
+
+def _transport_failure(exc: BaseException) -> TokenUnavailable:
+    """Translate a transport error of the token request (the first matching kind wins)."""
+    if isinstance(exc, TimeoutError):
+        detail, reason = "the token endpoint did not answer in time", "timeout"
+    elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        detail, reason = "the token endpoint's TLS certificate is not trusted", "tls"
+    elif isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        detail, reason = "TLS handshake with the token endpoint failed", "tls"
+    elif isinstance(exc, aiohttp.ClientConnectorDNSError):
+        detail, reason = "the token endpoint's host name does not resolve", "unreachable"
+    else:
+        detail, reason = "the token endpoint is unreachable", "unreachable"
+    return TokenUnavailable(detail, reason=reason)
 
 
 def _oauth_error(body: bytes) -> str | None:

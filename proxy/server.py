@@ -31,13 +31,7 @@ from proxy.credentials import Credentials, check_algorithm, load_credentials
 from proxy.drain import Drain
 from proxy.errors import ConfigError, ProxyError
 from proxy.forward import Forwarder
-from proxy.handler import (
-    MAX_FIELD_BYTES,
-    MAX_HEADERS,
-    MAX_LINE_BYTES,
-    ProxyHandler,
-    ProxyServer,
-)
+from proxy.handler import ProxyHandler, make_proxy_server
 from proxy.tokens import TokenProvider
 
 # The logger names stay those of the former proxy.app and proxy.cli (README, "Logs").
@@ -159,18 +153,10 @@ async def start(
             drain=admin_app[DRAIN],
             port=config.listen.port,
         )
-        server = ProxyServer(
+        server = make_proxy_server(
             handler,
             metrics=admin_app[METRICS],
-            handler_cancellation=True,
-            keepalive_timeout=config.listen.keepalive_timeout_s,
-            max_line_size=MAX_LINE_BYTES,
-            max_field_size=MAX_FIELD_BYTES,
-            max_headers=MAX_HEADERS,
-            auto_decompress=False,
-            access_log=None,
-            # After a refused body (413, 408) close at once instead of draining it for 10 s.
-            lingering_time=0,
+            keepalive_timeout_s=config.listen.keepalive_timeout_s,
         )
         proxy_runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=CANCEL_GRACE_S

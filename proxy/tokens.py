@@ -82,8 +82,12 @@ def backoff_delay(
     return ceiling * rng()
 
 
-class TokenProvider:
-    """Hand out access tokens per scope set; see the module docstring for the rules."""
+class TokenProvider(OAuthClient):
+    """Hand out access tokens per scope set; see the module docstring for the rules.
+
+    The token-endpoint client it builds on (``oauth.OAuthClient``) holds the credentials in use,
+    the token URL, the request count and the clock skew.
+    """
 
     def __init__(
         self,
@@ -97,11 +101,7 @@ class TokenProvider:
         tick_s: float = 1.0,
         on_fetch: Callable[[str, float], None] | None = None,
     ) -> None:
-        self._config = config
-        self._oauth = config.oauth
-        self._client = OAuthClient(config, credentials, session, clock=clock, wall_clock=wall_clock)
-        self._clock = clock
-        self._wall = wall_clock
+        super().__init__(config, credentials, session, (clock, wall_clock))
         self._rng = rng
         self._tick_s = tick_s
         # Told the outcome (success, rejected, error) and duration of every token request.
@@ -113,26 +113,6 @@ class TokenProvider:
         self._maintainers: list[asyncio.Task[None]] = []
 
     # -- public API ---------------------------------------------------------------------------
-
-    @property
-    def token_url(self) -> str | None:
-        """Return the token endpoint URL (configured, built in, or discovered)."""
-        return self._client.token_url
-
-    @property
-    def credentials(self) -> Credentials:
-        """Return the credentials that sign the token requests now (the one holder of them)."""
-        return self._client.credentials
-
-    @property
-    def requests_sent(self) -> int:
-        """Return how many token requests were sent."""
-        return self._client.requests_sent
-
-    @property
-    def clock_skew_s(self) -> float | None:
-        """Return the authorization server's clock minus ours, from its last ``Date``."""
-        return self._client.clock_skew_s
 
     async def get(self, scopes: frozenset[str]) -> Token:
         """Return a usable token for ``scopes``, fetching one if none is cached."""
@@ -197,7 +177,7 @@ class TokenProvider:
         Cached tokens keep serving until their replacements arrive; if the new credentials are
         refused, the old tokens serve while valid and the failure shows in health and logs.
         """
-        self._client.credentials = credentials
+        self.credentials = credentials
         for entry in self._entries.values():
             entry.retry_at = 0.0
             if entry.in_flight is None:
@@ -210,7 +190,7 @@ class TokenProvider:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._client.close()
+        await super().close()
         self._maintainers.clear()
 
     # -- internals ----------------------------------------------------------------------------
@@ -261,7 +241,7 @@ class TokenProvider:
         entry.last_attempt_wall = self._wall()
         started = time.perf_counter()
         try:
-            token = await self._client.fetch(entry.scopes)
+            token = await self.fetch(entry.scopes)
         except TokenUnavailable as exc:
             failure = self._record_failure(entry, exc)
             self._on_fetch(entry.last_outcome or "error", time.perf_counter() - started)
