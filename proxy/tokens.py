@@ -38,6 +38,7 @@ from proxy.assertion import AssertionSettings, sign_assertion, token_request_for
 from proxy.config import Config
 from proxy.credentials import Credentials
 from proxy.errors import TokenUnavailable
+from proxy.scopes import DEFAULT_TEXT, scope_label
 from proxy.tls import client_context
 
 log = logging.getLogger("ksz_proxy.tokens")
@@ -266,7 +267,10 @@ class TokenProvider:
         """
         if self._tokens.get(token.scopes) is token:
             del self._tokens[token.scopes]
-            log.info("token dropped after an upstream 401", extra={"scopes": _label(token.scopes)})
+            log.info(
+                "token dropped after an upstream 401",
+                extra={"scopes": scope_label(token.scopes, default=DEFAULT_TEXT)},
+            )
             return True
         return False
 
@@ -297,7 +301,10 @@ class TokenProvider:
         for scopes in scope_sets if scope_sets is not None else self._config.scope_sets:
             entry = self._entry(scopes)
             self._maintainers.append(
-                asyncio.create_task(self._maintain(entry), name=f"token-refresh {_label(scopes)}")
+                asyncio.create_task(
+                    self._maintain(entry),
+                    name=f"token-refresh {scope_label(scopes, default=DEFAULT_TEXT)}",
+                )
             )
 
     def replace_credentials(self, credentials: Credentials) -> None:
@@ -332,7 +339,10 @@ class TokenProvider:
         return entry
 
     def _start_fetch(self, entry: _Entry) -> asyncio.Task[Token]:
-        task = asyncio.create_task(self._fetch(entry), name=f"token-fetch {_label(entry.scopes)}")
+        task = asyncio.create_task(
+            self._fetch(entry),
+            name=f"token-fetch {scope_label(entry.scopes, default=DEFAULT_TEXT)}",
+        )
         entry.fetch = task
 
         def done(t: asyncio.Task[Token]) -> None:
@@ -402,7 +412,7 @@ class TokenProvider:
         log.warning(
             "token request failed",
             extra={
-                "scopes": _label(entry.scopes),
+                "scopes": scope_label(entry.scopes, default=DEFAULT_TEXT),
                 "reason": exc.reason,
                 "oauth_error": exc.oauth_error,
                 "hint": HINTS.get(exc.oauth_error or exc.reason),
@@ -473,7 +483,7 @@ class TokenProvider:
         log.info(
             "token obtained",
             extra={
-                "scopes": _label(scopes),
+                "scopes": scope_label(scopes, default=DEFAULT_TEXT),
                 "expires_in_s": expires_in,
                 "duration_s": round(time.perf_counter() - started, 4),
             },
@@ -550,7 +560,3 @@ def _oauth_error(body: bytes) -> str | None:
         return None
     code = data.get("error") if isinstance(data, dict) else None
     return code if isinstance(code, str) and _OAUTH_ERROR.fullmatch(code) else None
-
-
-def _label(scopes: frozenset[str]) -> str:
-    return " ".join(sorted(scopes)) or "(default)"

@@ -39,13 +39,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from proxy import check as checklist
 from proxy.cli import main
 from proxy.config import read_secret_file
 from proxy.credentials import load_pkcs12
 from proxy.errors import ConfigError
-from proxy.onboarding import parse_subject
-from proxy.probes import CheckSettings
+from proxy.onboarding import check as checklist
+from proxy.onboarding.csr import parse_subject
+from proxy.onboarding.probes import CheckSettings
 from proxy.sandbox import demo
 from proxy.sandbox.authserver import Fault
 from proxy.sandbox.demo import Sandbox, running_sandbox
