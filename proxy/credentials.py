@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from proxy.config import ClientConfig, Config, Secret, check_private_file, load_config
+from proxy.config import ClientConfig, Config, load_config
 from proxy.errors import ConfigError, CredentialError
+from proxy.secret import Secret, check_private_file
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 

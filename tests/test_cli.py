@@ -40,7 +40,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from proxy.cli import main
-from proxy.config import read_secret_file
 from proxy.credentials import load_pkcs12
 from proxy.errors import ConfigError
 from proxy.onboarding import check as checklist
@@ -51,6 +50,7 @@ from proxy.sandbox.authserver import Fault
 from proxy.sandbox.demo import Sandbox, running_sandbox
 from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.serve import serve
+from proxy.secret import read_secret_file
 from tests.conftest import PKCS12_PASSWORD, PartnerFiles
 
 T = TypeVar("T")

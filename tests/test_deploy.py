@@ -30,9 +30,11 @@ import pytest
 import yaml
 
 from proxy import __version__
-from proxy.config import ENDPOINTS, Config, Environment, check_private_file, parse_config
+from proxy.config import Config, parse_config
 from proxy.credentials import load_credentials
+from proxy.endpoints import ENDPOINTS, Environment
 from proxy.errors import ConfigError
+from proxy.secret import check_private_file
 from tests.conftest import PartnerFiles
 from tests.proxyfixtures import DEMO, Chain
 

@@ -22,10 +22,10 @@ from typing import Any, Final
 import pytest
 
 from proxy import logs
-from proxy.config import Secret
 from proxy.logs import JsonFormatter, TextFormatter, record_fields
 from proxy.sandbox.authserver import Fault
 from proxy.sandbox.pki import Issued
+from proxy.secret import Secret
 from tests.conftest import PKCS12_PASSWORD, AuthServerHandle
 from tests.proxyfixtures import DEMO, OTHER, Chain, ChainFactory
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.config import Secret, read_secret_file
 from proxy.errors import ConfigError
+from proxy.secret import Secret, read_secret_file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

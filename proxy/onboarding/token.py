@@ -9,21 +9,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, TextIO
 
 from proxy import tokens
 from proxy.config import Config
+from proxy.config_reader import SCOPE_TOKEN
 from proxy.credentials import Credentials, load_setup
 from proxy.errors import ConfigError, TokenUnavailable
 from proxy.onboarding.steps import SKEW_WARN_S, token_advice
 from proxy.scopes import DEFAULT_TEXT, scope_label
-
-# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-_SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
 def token(
@@ -38,7 +35,7 @@ def token(
     loaded, credentials = load_setup(config, environ)
     requested = [scope for value in scopes for scope in value.split()]
     for scope in requested:
-        if not _SCOPE_TOKEN.fullmatch(scope):
+        if not SCOPE_TOKEN.fullmatch(scope):
             raise ConfigError(f"--scope: {scope!r} is not a valid OAuth scope")
     wanted = frozenset(requested) if requested else loaded.oauth.scopes
     return asyncio.run(_token(loaded, credentials, wanted, show_token, out))
