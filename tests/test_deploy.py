@@ -35,8 +35,9 @@ from proxy.credentials import load_credentials
 from proxy.endpoints import ENDPOINTS, Environment
 from proxy.errors import ConfigError
 from proxy.secret import check_private_file
-from tests.conftest import PartnerFiles
-from tests.proxyfixtures import DEMO, Chain
+from tests.support.chain import Chain
+from tests.support.config import DEMO
+from tests.support.partner import PartnerFiles
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 DEPLOY: Final = ROOT / "deploy"
