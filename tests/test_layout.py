@@ -1,6 +1,7 @@
-"""The package layout as a code check: the proxy runtime never imports the onboarding commands.
+"""The package layout as a code check: one-way imports between the rooms of the code.
 
-``proxy/onboarding/`` is reached from ``proxy/cli.py`` only; no module over about 450 lines.
+``proxy/onboarding/`` is reached from ``proxy/cli.py`` only, and a test module never imports another
+test module: shared helpers live in ``tests/support/``.
 """
 
 from __future__ import annotations
@@ -39,3 +40,17 @@ def test_only_the_cli_imports_the_onboarding_package() -> None:
 def test_the_onboarding_package_imports_no_command_line_parsing() -> None:
     for path in sorted((PROXY / "onboarding").glob("*.py")):
         assert "argparse" not in _imports(path), path.name
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    tests = ROOT / "tests"
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(
+            name
+            for name in _imports(path)
+            if name.startswith(("tests.test_", "tests.conftest"))
+            or name in ("tests.proxyfixtures", "tests.rawhttp", "tests.faultproxy")
+        )
+        for path in sorted(tests.rglob("*.py"))
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
