@@ -64,6 +64,20 @@ class ProxyProcess:
             return await self.process.wait()
 
 
+async def _spawn(*args: str | Path) -> asyncio.subprocess.Process:
+    """Start ``python -m proxy ARGS`` from the repository root, stderr piped, stdout dropped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *map(str, args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+
+
 async def _drain(stream: asyncio.StreamReader, lines: list[str]) -> None:
     while line := await stream.readline():
         lines.append(line.decode("utf-8", "replace").rstrip("\n"))
@@ -74,21 +88,8 @@ async def run_proxy(
     config: Path, *, log_format: str = "json", log_level: str = "info"
 ) -> AsyncIterator[ProxyProcess]:
     """Start ``python -m proxy run -c config``; yield once it logged its URLs; always kill it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--log-format",
-        log_format,
-        "--log-level",
-        log_level,
-        "run",
-        "-c",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
+    process = await _spawn(
+        "--log-format", log_format, "--log-level", log_level, "run", "-c", config
     )
     assert process.stderr is not None
     running = ProxyProcess(process=process)
@@ -121,18 +122,7 @@ def _text_field(line: str, name: str) -> str:
 
 async def run_to_exit(config: Path) -> tuple[int, list[str]]:
     """Run ``python -m proxy run -c config`` that is expected to exit; return code and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "-c",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
+    process = await _spawn("run", "-c", config)
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             _out, err = await process.communicate()
