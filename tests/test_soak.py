@@ -64,7 +64,7 @@ from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.upstream import stream_chunks, stream_sha256
 from proxy.tokens import TokenProvider, make_session
 from tests.support.chain import Chain, ChainFactory
-from tests.support.config import DEMO, OTHER, make_config
+from tests.support.config import DEMO, OTHER, chain_data, changed, make_config, write_toml
 from tests.support.fakes import AuthServerHandle, UpstreamHandle
 from tests.support.metrics import samples, scrape
 from tests.support.partner import CLIENT_ID, DEFAULT_SCOPES, PKCS12_PASSWORD, SCOPES, PartnerFiles
@@ -86,53 +86,17 @@ def write_config(
     path: Path, auth: AuthServerHandle, upstream: UpstreamHandle, files: PartnerFiles, ca: Path
 ) -> Path:
     """Write the chain's configuration to a file, so that a reload can read it again."""
-
-    def q(value: object) -> str:
-        return json.dumps(str(value))  # a TOML basic string for these plain values
-
-    path.write_text(
-        f"""
-[client]
-id = {q(CLIENT_ID)}
-pkcs12 = {q(files.pkcs12)}
-password_file = {q(files.password_file)}
-
-[oauth]
-token_url = {q(auth.token_url)}
-ca_file = {q(ca)}
-retry_initial_s = 0.05
-retry_max_s = 0.2
-refresh_ratio = 0.3
-# Each assertion names its certificate, so the fake's records show which one signed it.
-key_id = "x5t#S256"
-
-[upstream]
-url = {q(upstream.url)}
-ca_file = {q(ca)}
-replay_max_bytes = {4 * MIB}
-# The proxy and both fakes share this process's one event loop, saturated by the load: a TLS
-# handshake with the fake upstream waits on both of its ends. The soak is about tokens, 401s and
-# reloads, not about timeouts (tests/test_faults.py covers those).
-connect_timeout_s = 30
-
-[listen]
-port = 0
-max_body_bytes = {16 * MIB}
-
-[admin]
-port = 0
-
-[[routes]]
-prefix = {q(DEMO)}
-scopes = ["scope:demo:consult"]
-
-[[routes]]
-prefix = {q(OTHER)}
-scopes = ["scope:cbss:api:demo:consult"]
-""",
-        encoding="utf-8",
+    data = changed(
+        chain_data(auth, upstream.url, files, ca),
+        # Each assertion names its certificate, so the fake's records show which one signed it.
+        oauth={"refresh_ratio": 0.3, "key_id": "x5t#S256"},
+        # The proxy and both fakes share this process's one event loop, saturated by the load: a
+        # TLS handshake with the fake upstream waits on both of its ends. The soak is about tokens,
+        # 401s and reloads, not about timeouts (tests/test_faults.py covers those).
+        upstream={"replay_max_bytes": 4 * MIB, "connect_timeout_s": 30},
+        listen={"max_body_bytes": 16 * MIB},
     )
-    return path
+    return write_toml(path, data)
 
 
 @pytest.fixture
