@@ -1,3 +1,3 @@
 """Root conftest: load the shared end-to-end fixtures for every test module."""
 
-pytest_plugins = ["tests.proxyfixtures"]
+pytest_plugins = ["tests.support.chain"]

@@ -121,15 +121,53 @@ def _dispatch(args: argparse.Namespace) -> int:
         port = args.port if args.port is not None else (0 if demo_mode else 8080)
         admin = args.admin_port if args.admin_port is not None else (0 if demo_mode else 9090)
         return _loop_run(demo.run(port=port, admin_port=admin, demo=demo_mode, out=sys.stdout))
-    from proxy import onboarding
+    return _onboarding(args)
 
-    commands = {
-        "check": onboarding.check,
-        "cert-info": onboarding.cert_info,
-        "csr": onboarding.csr,
-        "token": onboarding.token,
-    }
-    return commands[args.command](args, sys.stdout)
+
+def _onboarding(args: argparse.Namespace) -> int:
+    """Unpack the command line for an onboarding command and run it (imported only here)."""
+    from proxy.onboarding.files import PasswordSource
+
+    environ = os.environ
+    if args.command == "csr":
+        from proxy.onboarding.csr import csr
+
+        return csr(
+            subject=args.subject,
+            key_type=args.key_type,
+            key_out=args.key_out,
+            csr_out=args.csr_out,
+            encrypt=args.encrypt,
+            password=PasswordSource(file=args.password_file, env=args.password_env),
+            out=sys.stdout,
+        )
+    config = config_path(args.config, environ)
+    if args.command == "check":
+        from proxy.onboarding.check import check
+
+        return check(
+            config=config, api=args.api, as_json=args.json, environ=environ, out=sys.stdout
+        )
+    if args.command == "token":
+        from proxy.onboarding.token import token
+
+        return token(
+            config=config,
+            scopes=args.scope,
+            show_token=args.show_token,
+            environ=environ,
+            out=sys.stdout,
+        )
+    from proxy.onboarding.certinfo import cert_info
+
+    return cert_info(
+        file=args.file,
+        config=config,
+        password=PasswordSource(file=args.password_file, env=args.password_env),
+        export_crt=args.export_crt,
+        environ=environ,
+        out=sys.stdout,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from proxy.config import ClientConfig, Config, Secret, check_private_file, load_config
+from proxy.config import ClientConfig, Config, load_config
 from proxy.errors import ConfigError, CredentialError
+from proxy.secret import Secret, check_private_file
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -109,12 +110,12 @@ class Credentials:
     @property
     def x5t(self) -> str:
         """Return the JWT ``x5t`` header value: base64url SHA-1 thumbprint, no padding."""
-        return _b64url(self.sha1)
+        return b64url(self.sha1)
 
     @property
     def x5t_s256(self) -> str:
         """Return the JWT ``x5t#S256`` header value: base64url SHA-256 thumbprint, no padding."""
-        return _b64url(self.sha256)
+        return b64url(self.sha256)
 
     @property
     def key_type(self) -> Literal["rsa", "ec"]:
@@ -156,16 +157,20 @@ def load_credentials(
     client: ClientConfig, *, now: datetime | None = None, warn_days: int = 30
 ) -> Credentials:
     """Load the key and certificate the configuration names and check they are usable now."""
-    if client.pkcs12 is not None:
-        creds = load_pkcs12(client.pkcs12, client.password)
-    elif client.private_key is not None and client.certificate is not None:
-        creds = load_pem(client.private_key, client.certificate, client.password)
-    else:
-        raise CredentialError(
-            "client.pkcs12: required (or set client.private_key and client.certificate)"
-        )
+    creds = load_client(client)
     check_validity(creds, now=now, warn_days=warn_days)
     return creds
+
+
+def load_client(client: ClientConfig) -> Credentials:
+    """Load the keystore, or the PEM key and certificate, the configuration names; no checks."""
+    if client.pkcs12 is not None:
+        return load_pkcs12(client.pkcs12, client.password)
+    if client.private_key is not None and client.certificate is not None:
+        return load_pem(client.private_key, client.certificate, client.password)
+    raise CredentialError(
+        "client.pkcs12: required (or set client.private_key and client.certificate)"
+    )
 
 
 def load_pkcs12(path: Path, password: Secret | None, *, key: str = "client.pkcs12") -> Credentials:
@@ -308,6 +313,15 @@ def _looks_like_pkcs12(data: bytes) -> bool:
     return data[offset : offset + 3] == b"\x02\x01\x03"
 
 
+def opens_without_password(data: bytes) -> bool:
+    """Return True when the PKCS#12 ``data`` opens with no password."""
+    try:
+        pkcs12.load_key_and_certificates(data, None)
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
 def _pkcs12_failure(data: bytes, path: Path, key: str, secret: bytes | None) -> str:
     # cryptography says "Invalid password or PKCS12 data" for every case; find out which.
     if secret is None:
@@ -315,9 +329,7 @@ def _pkcs12_failure(data: bytes, path: Path, key: str, secret: bytes | None) -> 
             f"{key}: {path} is password-protected (or damaged); set client.password_file or "
             "client.password_env"
         )
-    try:
-        pkcs12.load_key_and_certificates(data, None)
-    except (TypeError, ValueError, UnsupportedAlgorithm):
+    if not opens_without_password(data):
         return f"{key}: wrong password for {path} ({_PW_CONFIG_KEYS}), or the keystore is damaged"
     return (
         f"{key}: {path} is not password-protected but a password is set ({_PW_CONFIG_KEYS}); "
@@ -414,7 +426,8 @@ def _spki(public_key: PublicKeyTypes) -> bytes:
     )
 
 
-def _b64url(digest: bytes) -> str:
+def b64url(digest: bytes) -> str:
+    """Return ``digest`` in unpadded base64url, as JOSE writes thumbprints (x5t)."""
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 

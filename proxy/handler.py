@@ -40,7 +40,7 @@ from proxy.inbound import (
 from proxy.metrics import Metrics
 from proxy.problems import problem_response
 
-# The logger names stay those of the former proxy.app (README, "Logs").
+# The logger names stay those of the former proxy.app (docs/operations.md, "Logs").
 log = logging.getLogger("ksz_proxy.app")
 access_log = logging.getLogger("ksz_proxy.access")
 

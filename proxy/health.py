@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from proxy.scopes import scope_label
 from proxy.tokens import TokenStatus
 
 CERTIFICATE_WARN_DAYS: Final = 30
@@ -54,7 +55,7 @@ def assess(
         failing = state is not None and state.consecutive_failures > 0
         down |= not usable
         degraded |= failing
-        token_details[" ".join(sorted(scopes)) or "default"] = {
+        token_details[scope_label(scopes)] = {
             "usable": usable,
             "expiresAt": _iso(state.expires_at_wall) if state else None,
             "lastRefresh": state.last_outcome if state else None,

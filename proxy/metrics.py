@@ -16,16 +16,14 @@ from prometheus_client.exposition import generate_latest
 
 from proxy import __version__
 
+# Also importable from here, where the runtime wiring reads it.
+from proxy.scopes import scope_label as scope_label
+
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TOKEN_OUTCOMES: Final = ("success", "rejected", "error")
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-
-
-def scope_label(scopes: Iterable[str]) -> str:
-    """Return the label value of a configured scope set (``default`` for the client's own)."""
-    return " ".join(sorted(scopes)) or "default"
 
 
 class Metrics:

@@ -27,9 +27,11 @@ from proxy.assertion import AssertionSettings, sign_assertion, token_request_for
 from proxy.config import Config
 from proxy.credentials import Credentials
 from proxy.errors import TokenUnavailable
+from proxy.scopes import DEFAULT_TEXT, scope_label
 from proxy.tls import client_context
 
-# The logger name stays that of tokens.py, where these lines were written before (README, "Logs").
+# The logger name stays that of tokens.py, where these lines were written before
+# (docs/operations.md, "Logs").
 log = logging.getLogger("ksz_proxy.tokens")
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -240,7 +242,7 @@ class OAuthClient:
         log.info(
             "token obtained",
             extra={
-                "scopes": _label(scopes),
+                "scopes": scope_label(scopes, default=DEFAULT_TEXT),
                 "expires_in_s": expires_in,
                 "duration_s": round(time.perf_counter() - started, 4),
             },
@@ -321,7 +323,3 @@ def _oauth_error(body: bytes) -> str | None:
         return None
     code = data.get("error") if isinstance(data, dict) else None
     return code if isinstance(code, str) and _OAUTH_ERROR.fullmatch(code) else None
-
-
-def _label(scopes: frozenset[str]) -> str:
-    return " ".join(sorted(scopes)) or "(default)"

@@ -34,7 +34,7 @@ from proxy.forward import Forwarder
 from proxy.handler import ProxyHandler, make_proxy_server
 from proxy.tokens import TokenProvider
 
-# The logger names stay those of the former proxy.app and proxy.cli (README, "Logs").
+# The logger names stay those of the former proxy.app and proxy.cli (docs/operations.md, "Logs").
 log = logging.getLogger("ksz_proxy.app")
 run_log = logging.getLogger("ksz_proxy.cli")
 

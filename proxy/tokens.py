@@ -32,7 +32,8 @@ from cachetools import TLRUCache
 from proxy.config import Config
 from proxy.credentials import Credentials
 from proxy.errors import TokenUnavailable
-from proxy.oauth import HINTS, Clock, OAuthClient, Token, _label
+from proxy.oauth import HINTS, Clock, OAuthClient, Token
+from proxy.scopes import DEFAULT_TEXT, scope_label
 
 __all__ = ["Token", "TokenProvider", "TokenStatus", "backoff_delay"]
 
@@ -137,7 +138,10 @@ class TokenProvider(OAuthClient):
         """
         if self._tokens.get(token.scopes) is token:
             del self._tokens[token.scopes]
-            log.info("token dropped after an upstream 401", extra={"scopes": _label(token.scopes)})
+            log.info(
+                "token dropped after an upstream 401",
+                extra={"scopes": scope_label(token.scopes, default=DEFAULT_TEXT)},
+            )
             return True
         return False
 
@@ -168,7 +172,10 @@ class TokenProvider(OAuthClient):
         for scopes in scope_sets if scope_sets is not None else self._config.scope_sets:
             entry = self._entry(scopes)
             self._maintainers.append(
-                asyncio.create_task(self._maintain(entry), name=f"token-refresh {_label(scopes)}")
+                asyncio.create_task(
+                    self._maintain(entry),
+                    name=f"token-refresh {scope_label(scopes, default=DEFAULT_TEXT)}",
+                )
             )
 
     def replace_credentials(self, credentials: Credentials) -> None:
@@ -202,7 +209,10 @@ class TokenProvider(OAuthClient):
         return entry
 
     def _start_fetch(self, entry: _Entry) -> asyncio.Task[Token]:
-        task = asyncio.create_task(self._fetch(entry), name=f"token-fetch {_label(entry.scopes)}")
+        task = asyncio.create_task(
+            self._fetch(entry),
+            name=f"token-fetch {scope_label(entry.scopes, default=DEFAULT_TEXT)}",
+        )
         entry.fetch = task
 
         def done(t: asyncio.Task[Token]) -> None:
@@ -272,7 +282,7 @@ class TokenProvider(OAuthClient):
         log.warning(
             "token request failed",
             extra={
-                "scopes": _label(entry.scopes),
+                "scopes": scope_label(entry.scopes, default=DEFAULT_TEXT),
                 "reason": exc.reason,
                 "oauth_error": exc.oauth_error,
                 "hint": HINTS.get(exc.oauth_error or exc.reason),

@@ -4,7 +4,8 @@ One Python process forwards about as much as one core allows. With ``listen.work
 ``run`` process becomes a supervisor that forks N workers before it starts an event loop. Every
 worker is the whole proxy of ``listen.workers = 1`` -- its own token cache, upstream connection
 pool, limits and metrics -- and binds ``listen.port`` with ``SO_REUSEPORT``, so the kernel
-spreads new connections over the workers. Decisions, as documented in the README:
+spreads new connections over the workers. Decisions, as documented in docs/operations.md
+("Workers"):
 
 - Tokens are per worker: N workers make N token requests at start and N per refresh period,
   and hold N valid tokens at a time (client-credentials tokens are independent of each other).
@@ -47,7 +48,7 @@ from proxy.config import Config
 from proxy.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
 from proxy.server import WorkerSetup, authority, bound_port, listen
 
-# The `run` command's own lines, as with one process (README, "Logs").
+# The `run` command's own lines, as with one process (docs/operations.md, "Logs").
 log = logging.getLogger("ksz_proxy.cli")
 
 # How long a worker gets to start listening before the supervisor gives up on it.

@@ -11,22 +11,16 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import pytest
 import trustme
 
-from proxy.sandbox.authserver import FakeAuthServer, RegisteredClient
+from proxy.sandbox.authserver import FakeAuthServer
 from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.serve import serve
-
-CLIENT_ID: Final = "partner:test:client:confidential"
-SCOPES: Final = frozenset({"scope:demo:consult", "scope:cbss:api:demo:consult"})
-DEFAULT_SCOPES: Final = frozenset({"scope:demo:consult"})
-PKCS12_PASSWORD: Final = "canary-p12-password"
-
+from tests.support.fakes import AuthServerHandle
+from tests.support.partner import PKCS12_PASSWORD, PartnerFiles, partner_client
 
 # -- TLS for the local servers ------------------------------------------------------------------
 
@@ -69,15 +63,6 @@ def partner(partner_ca: CertificateAuthority) -> Issued:
     return partner_ca.issue_client("partner test client")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PartnerFiles:
-    """The partner keystore on disk, as an operator would deploy it."""
-
-    pkcs12: Path
-    password_file: Path
-    password: str
-
-
 @pytest.fixture
 def partner_files(partner: Issued, tmp_path: Path) -> PartnerFiles:
     keystore = partner.write_pkcs12(tmp_path / "partner.p12", PKCS12_PASSWORD.encode())
@@ -89,26 +74,6 @@ def partner_files(partner: Issued, tmp_path: Path) -> PartnerFiles:
 
 
 # -- the fake authorization server ---------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class AuthServerHandle:
-    """A running ``FakeAuthServer`` and its URLs."""
-
-    server: FakeAuthServer
-    url: str
-    token_url: str
-    metadata_url: str
-
-
-def partner_client(partner: Issued) -> RegisteredClient:
-    """Return the partner's registration (CLIENT_ID, its certificate, the test scopes)."""
-    return RegisteredClient(
-        client_id=CLIENT_ID,
-        certificate=partner.certificate,
-        scopes=SCOPES,
-        default_scopes=DEFAULT_SCOPES,
-    )
 
 
 @pytest.fixture

@@ -16,70 +16,28 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from proxy.health import CERTIFICATE_WARN_DAYS, assess
 from proxy.sandbox.authserver import Fault
 from proxy.tokens import TokenStatus
-from tests.conftest import AuthServerHandle
-from tests.proxyfixtures import DEMO, OTHER, Chain, ChainFactory
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO, OTHER
+from tests.support.fakes import AuthServerHandle
+from tests.support.metrics import admin_get, samples, scrape, series_count, value
+from tests.support.wait import until
 
 DEMO_SCOPES: Final = frozenset({"scope:demo:consult"})
 OTHER_SCOPES: Final = frozenset({"scope:cbss:api:demo:consult"})
 ADMIN_PATHS: Final = ("/metrics", "/health", "/livez", "/readyz")
 
-Labels = frozenset[tuple[str, str]]
-
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-async def admin_get(chain: Chain, path: str) -> tuple[int, dict[str, str], bytes]:
-    """GET an admin path; return status, headers and body."""
-    async with chain.session.get(chain.proxy.admin_url + path) as response:
-        return response.status, dict(response.headers), await response.read()
-
-
-async def scrape(chain: Chain) -> str:
-    """Return the /metrics text."""
-    status, headers, body = await admin_get(chain, "/metrics")
-    assert status == 200
-    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    return body.decode()
-
-
-def samples(text: str) -> dict[tuple[str, Labels], float]:
-    """Parse Prometheus text into {(sample name, labels): value}."""
-    result: dict[tuple[str, Labels], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            result[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return result
-
-
-def value(parsed: dict[tuple[str, Labels], float], name: str, **labels: str) -> float:
-    """Return one sample's value (KeyError names the missing series)."""
-    return parsed[(name, frozenset(labels.items()))]
-
-
-def series_count(text: str) -> int:
-    """Count sample lines, the way a scraper stores them."""
-    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
 
 
 def latest_token(chain: Chain, scopes: frozenset[str] = DEMO_SCOPES) -> str:
     """Return the token the server issued last for ``scopes``."""
     return [t.value for t in chain.auth.server.issued.values() if t.scopes == scopes][-1]
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
-    """Poll an async predicate until it holds."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if await predicate():
-                return
-            await asyncio.sleep(0.02)
 
 
 async def health_of(chain: Chain) -> tuple[int, dict[str, Any]]:
@@ -137,7 +95,7 @@ async def test_rejected_client_is_never_ready_and_health_is_down(
         _status, health = await health_of(chain)
         return all(t["lastRefresh"] == "rejected" for t in health["details"]["tokens"].values())
 
-    await wait_for(refused)
+    await until(refused)
     status, _headers, body = await admin_get(chain, "/readyz")
     assert status == 503
     assert json.loads(body)["reason"] == "no_token"
@@ -153,7 +111,7 @@ async def test_rejected_client_is_never_ready_and_health_is_down(
 
 async def test_readyz_turns_503_while_draining(chain: Chain) -> None:
     stalled = asyncio.create_task(_get_status(chain, DEMO + "/stall?seconds=1"))
-    await wait_for(_seen(chain, 1))
+    await until(_seen(chain, 1))
     closing = asyncio.create_task(chain.proxy.close())
     try:
         await asyncio.sleep(0.05)
@@ -226,7 +184,7 @@ async def test_health_is_degraded_while_refresh_fails_and_recovers(
     async def degraded() -> bool:
         return bool((await health_of(chain))[1]["status"] == "DEGRADED")
 
-    await wait_for(degraded)
+    await until(degraded)
     status, health = await health_of(chain)
     assert status == 200
     failing = [t for t in health["details"]["tokens"].values() if t["consecutiveFailures"]]
@@ -242,7 +200,7 @@ async def test_health_is_degraded_while_refresh_fails_and_recovers(
     async def up() -> bool:
         return bool((await health_of(chain))[1]["status"] == "UP")
 
-    await wait_for(up)
+    await until(up)
 
 
 def _status(
@@ -346,7 +304,7 @@ async def test_every_metric_with_its_labels_after_real_traffic(
         assert response.status == 503
     await chain.wait_ready()
     stalled = asyncio.create_task(_get_status(chain, DEMO + "/stall?seconds=0.5"))
-    await wait_for(_seen(chain, chain.upstream.count + 1))
+    await until(_seen(chain, chain.upstream.count + 1))
     during = samples(await scrape(chain))
     assert await stalled == 200
     after = samples(await scrape(chain))

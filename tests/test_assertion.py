@@ -22,7 +22,8 @@ from proxy.assertion import (
 from proxy.credentials import Credentials
 from proxy.sandbox.authserver import RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority, Issued
-from tests.conftest import CLIENT_ID, AuthServerHandle
+from tests.support.fakes import AuthServerHandle
+from tests.support.partner import CLIENT_ID
 
 
 def credentials_of(issued: Issued) -> Credentials:

@@ -29,13 +29,8 @@ from proxy.sandbox.authserver import (
 )
 from proxy.sandbox.pki import CertificateAuthority, Issued, PrivateKey
 from proxy.sandbox.serve import serve
-from tests.conftest import (
-    CLIENT_ID,
-    DEFAULT_SCOPES,
-    SCOPES,
-    AuthServerHandle,
-    partner_client,
-)
+from tests.support.fakes import AuthServerHandle
+from tests.support.partner import CLIENT_ID, DEFAULT_SCOPES, SCOPES, partner_client
 
 DEMO = "scope:demo:consult"
 CBSS = "scope:cbss:api:demo:consult"

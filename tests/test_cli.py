@@ -39,19 +39,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from proxy import check as checklist
 from proxy.cli import main
-from proxy.config import read_secret_file
 from proxy.credentials import load_pkcs12
 from proxy.errors import ConfigError
-from proxy.onboarding import parse_subject
-from proxy.probes import CheckSettings
+from proxy.onboarding import check as checklist
+from proxy.onboarding.csr import parse_subject
+from proxy.onboarding.probes import CheckSettings
 from proxy.sandbox import demo
 from proxy.sandbox.authserver import Fault
 from proxy.sandbox.demo import Sandbox, running_sandbox
 from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.serve import serve
-from tests.conftest import PKCS12_PASSWORD, PartnerFiles
+from proxy.secret import read_secret_file
+from tests.support.config import changed, write_toml
+from tests.support.partner import PKCS12_PASSWORD, PartnerFiles
+from tests.support.process import free_port
 
 T = TypeVar("T")
 API = demo.API
@@ -122,15 +124,7 @@ class Fakes:
             "upstream": {"url": config.upstream.url, "ca_file": str(self.ca_bundle)},
             "routes": [{"prefix": API, "scopes": [demo.SCOPE]}],
         }
-        for name, value in changes.items():
-            if isinstance(value, dict):
-                table = data.setdefault(name, {})
-                table.update(value)
-                for key in [k for k, v in value.items() if v is None]:
-                    del table[key]
-            else:
-                data[name] = value
-        return data
+        return changed(data, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -202,24 +196,8 @@ def _keep_logging() -> Iterator[None]:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _toml(data: Mapping[str, Any]) -> str:
-    # JSON strings, numbers, booleans and string arrays are valid TOML values.
-    lines = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict | list)]
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"[{key}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
-        elif isinstance(value, list):
-            for item in value:
-                lines.append(f"[[{key}]]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
-
-
 def write_config(folder: Path, data: Mapping[str, Any], name: str = "ksz-proxy.toml") -> Path:
-    path = folder / name
-    path.write_text(_toml(data), encoding="utf-8")
-    return path
+    return write_toml(folder / name, data)
 
 
 @dataclass(slots=True)
@@ -248,12 +226,6 @@ def one(report: Mapping[str, Any], name: str, target_part: str) -> dict[str, Any
     found = [s for s in steps(report, name) if target_part in s["target"]]
     assert len(found) == 1, (name, target_part, report)
     return found[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- check -------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from packaging.version import Version
 
 from proxy import forward, oauth
 from proxy.credentials import load_credentials
-from tests.conftest import PartnerFiles
-from tests.test_tokens import make_config
+from tests.support.config import make_config
+from tests.support.partner import PartnerFiles
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 PROXY_SOURCES: Final = sorted((ROOT / "proxy").rglob("*.py"))

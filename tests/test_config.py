@@ -18,19 +18,18 @@ import pytest
 
 from proxy.config import (
     DEFAULT_ALLOWED_HOSTS,
-    DISCOVERY_URLS,
-    ENDPOINTS,
     AdminConfig,
     ClientConfig,
     Config,
     ListenConfig,
     OAuthConfig,
     Route,
-    Secret,
     UpstreamConfig,
     load_config,
 )
+from proxy.endpoints import DISCOVERY_URLS, ENDPOINTS
 from proxy.errors import ConfigError
+from proxy.secret import Secret
 
 CANARY: Final = "canary-Pa55phrase-3b9d1f"  # must never show up in a repr or an error message
 CONFIG_DIR: Final = Path(__file__).resolve().parent.parent / "config"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from proxy.config import ClientConfig, Secret, load_config
+from proxy.config import ClientConfig, load_config
 from proxy.credentials import (
     check_algorithm,
     check_validity,
@@ -30,6 +30,7 @@ from proxy.credentials import (
 )
 from proxy.errors import ConfigError, CredentialError, ProxyError
 from proxy.sandbox.pki import CertificateAuthority, Issued
+from proxy.secret import Secret
 
 PASSWORD = "canary-passphrase-7f3c9e"  # must never show up in any message or repr
 PW = PASSWORD.encode()

@@ -30,11 +30,14 @@ import pytest
 import yaml
 
 from proxy import __version__
-from proxy.config import ENDPOINTS, Config, Environment, check_private_file, parse_config
+from proxy.config import Config, parse_config
 from proxy.credentials import load_credentials
+from proxy.endpoints import ENDPOINTS, Environment
 from proxy.errors import ConfigError
-from tests.conftest import PartnerFiles
-from tests.proxyfixtures import DEMO, Chain
+from proxy.secret import check_private_file
+from tests.support.chain import Chain
+from tests.support.config import DEMO
+from tests.support.partner import PartnerFiles
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 DEPLOY: Final = ROOT / "deploy"

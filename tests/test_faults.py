@@ -1,13 +1,13 @@
 """Faults on the wire and in time, end to end (SECURITY 5, 19, 20, 31, 32, 35, 36, 38).
 
-A ``FaultProxy`` (tests/faultproxy.py) sits between ksz-proxy and the fake KSZ API or the fake
-authorization server; TLS passes through it, so ksz-proxy still verifies the fakes' certificate.
-Each transport fault must reach the caller as its stable status and reason, counted in
-``kszproxy_upstream_errors_total``, and never cause a second connection attempt: a request is
-never resent after a transport fault. Host names under ``.invalid`` (RFC 2606) never resolve,
-which gives DNS failures without touching the resolver. The token clock travels through an
-injected monotonic clock, the assertion's wall clock through an injected skew. The fault proxy
-is first checked on its own, against a plain echo server.
+A ``FaultProxy`` (tests/support/faultproxy.py) sits between ksz-proxy and the fake KSZ API or the
+fake authorization server; TLS passes through it, so ksz-proxy still verifies the fakes'
+certificate. Each transport fault must reach the caller as its stable status and reason, counted in
+``kszproxy_upstream_errors_total``, and never cause a second connection attempt: a request is never
+resent after a transport fault. Host names under ``.invalid`` (RFC 2606) never resolve, which gives
+DNS failures without touching the resolver. The token clock travels through an injected monotonic
+clock, the assertion's wall clock through an injected skew. The fault proxy is first checked on its
+own, against a plain echo server.
 
 The last section shows what no other module did: expired and TLS 1.1 peers, the total timeout,
 the connection pool limit, a redirect to the upstream itself, the non-loopback warning.
@@ -41,11 +41,15 @@ from proxy.sandbox.authserver import FakeAuthServer
 from proxy.sandbox.serve import Served, serve
 from proxy.sandbox.upstream import FakeUpstream, stream_chunks, stream_sha256
 from proxy.tokens import TokenProvider
-from tests.conftest import AuthServerHandle, PartnerFiles
-from tests.faultproxy import Fault, FaultProxy
-from tests.proxyfixtures import DEMO, Chain, ChainFactory, UpstreamHandle
-from tests.test_admin import samples, scrape
-from tests.test_tokens import SCOPES, FakeClock, make_config
+from tests.support.chain import Chain, ChainFactory
+from tests.support.clock import FakeClock
+from tests.support.config import DEMO, make_config
+from tests.support.fakes import AuthServerHandle, UpstreamHandle
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.metrics import samples, scrape
+from tests.support.partner import DEFAULT_SCOPES, PartnerFiles
+from tests.support.process import free_port
+from tests.support.wait import until
 
 KIB: Final = 1024
 MIB: Final = 1024 * KIB
@@ -108,22 +112,6 @@ async def warm(chain: Chain, proxy: FaultProxy) -> None:
     async with chain.request("GET", DEMO + "/warm") as response:
         assert response.status == 200
         await response.read()
-
-
-def closed_port() -> int:
-    """Return a loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout_s``."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
 
 
 # -- the fault proxy itself, on a plain echo server ---------------------------------------------
@@ -253,7 +241,7 @@ async def test_transport_fault_maps_to_its_status_and_reason_and_is_never_resent
         proxy = upstream_fault
     elif case.where == "raw":
         proxy = await fault_proxies(fake_upstream.served.port)
-    origin = {"dns": NOWHERE, "closed": f"https://127.0.0.1:{closed_port()}"}.get(case.where)
+    origin = {"dns": NOWHERE, "closed": f"https://127.0.0.1:{free_port()}"}.get(case.where)
     chain = await through(make_chain, proxy or origin or "", read_timeout_s=0.5)
     if case.pooled:
         assert proxy is not None
@@ -480,18 +468,18 @@ async def test_black_holed_refresh_never_holds_callers_until_the_token_expires(
 ) -> None:
     provider, clock = provider_through
     authserver.server.expires_in = 100  # refresh at 80 s, usable until 95 s
-    first = await provider.get(SCOPES)
+    first = await provider.get(DEFAULT_SCOPES)
     auth_fault.fault = Fault(black_hole=True)
     clock.advance(81)
     for _ in range(3):  # the refresh hangs in the black hole; callers are served from the cache
-        assert await asyncio.wait_for(provider.get(SCOPES), 0.1) is first
+        assert await asyncio.wait_for(provider.get(DEFAULT_SCOPES), 0.1) is first
     await until(lambda: provider.status()[0].consecutive_failures >= 1)
     assert provider.status()[0].last_reason == "timeout"
-    assert provider.peek(SCOPES) is first
+    assert provider.peek(DEFAULT_SCOPES) is first
     clock.advance(15)  # past usable_until on the monotonic clock
-    assert provider.peek(SCOPES) is None
+    assert provider.peek(DEFAULT_SCOPES) is None
     with pytest.raises(TokenUnavailable) as info:
-        await provider.get(SCOPES)
+        await provider.get(DEFAULT_SCOPES)
     assert (info.value.reason, info.value.status) == ("timeout", 503)
     assert info.value.retry_after_s >= 1
     auth_fault.fault = Fault()
@@ -501,7 +489,7 @@ async def test_black_holed_refresh_never_holds_callers_until_the_token_expires(
         while True:
             clock.advance(1)  # past the backoff
             try:
-                second = await provider.get(SCOPES)
+                second = await provider.get(DEFAULT_SCOPES)
                 break
             except TokenUnavailable as exc:
                 assert exc.reason == "timeout"
@@ -535,10 +523,10 @@ async def test_wall_clock_skew_within_leeway_works_beyond_is_invalid_client(
         )
         try:
             if accepted:
-                await provider.get(SCOPES)
+                await provider.get(DEFAULT_SCOPES)
             else:
                 with pytest.raises(TokenUnavailable) as info:
-                    await provider.get(SCOPES)
+                    await provider.get(DEFAULT_SCOPES)
                 assert (info.value.reason, info.value.oauth_error) == ("rejected", "invalid_client")
                 (failed,) = [r for r in caplog.records if r.getMessage() == "token request failed"]
                 assert "clock" in getattr(failed, "hint", "")

@@ -17,8 +17,10 @@ import pytest
 
 from proxy.forward import CHUNK
 from proxy.sandbox.upstream import stream_chunks
-from tests.faultproxy import Fault, FaultProxy
-from tests.proxyfixtures import DEMO, Chain, ChainFactory, UpstreamHandle
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO
+from tests.support.fakes import UpstreamHandle
+from tests.support.faultproxy import Fault, FaultProxy
 
 
 def access_records(caplog: pytest.LogCaptureFixture) -> list[Any]:

@@ -29,9 +29,10 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from tests.proxyfixtures import DEMO, OTHER, Chain, ChainFactory
-from tests.rawhttp import close_writer, parse_responses
-from tests.test_inbound import interpretations
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO, OTHER
+from tests.support.paths import interpretations
+from tests.support.rawhttp import close_writer, parse_responses
 
 T = TypeVar("T")
 ROUTES: Final = (DEMO, OTHER)

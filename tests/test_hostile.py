@@ -18,13 +18,9 @@ from typing import Final
 import pytest
 
 from proxy._aiohttp import check_c_parser
-from tests.proxyfixtures import DEMO, Chain, ChainFactory
-from tests.rawhttp import (
-    assert_no_cors,
-    assert_problem,
-    build,
-    exchange,
-)
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO
+from tests.support.rawhttp import assert_no_cors, assert_problem, build, exchange
 
 REPO: Final = Path(__file__).resolve().parents[1]
 

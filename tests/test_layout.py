@@ -1,4 +1,9 @@
-"""The runtime modules import one way only, as docs/architecture.md draws it."""
+"""The package layout as a code check: one-way imports between the rooms of the code.
+
+The runtime modules import one way only, as docs/architecture.md draws it;
+``proxy/onboarding/`` is reached from ``proxy/cli.py`` only, and a test module never imports another
+test module: shared helpers live in ``tests/support/``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import ast
 from pathlib import Path
 from typing import Final
 
-PROXY: Final = Path(__file__).resolve().parent.parent / "proxy"
+ROOT: Final = Path(__file__).resolve().parent.parent
+PROXY: Final = ROOT / "proxy"
 
 # Lower rank first; a module may import only from lower ranks (rank 0 among itself).
 RANKS: Final[dict[str, int]] = {
@@ -14,6 +20,10 @@ RANKS: Final[dict[str, int]] = {
         (
             "__init__",
             "errors",
+            "scopes",
+            "secret",
+            "endpoints",
+            "config_reader",
             "config",
             "credentials",
             "tls",
@@ -78,6 +88,48 @@ def test_runtime_imports_flow_one_way() -> None:
 
 
 def test_every_runtime_module_has_a_rank() -> None:
-    beside = {"__main__", "check", "onboarding", "probes", "proof"}  # the commands, not runtime
+    beside = {"__main__"}  # the commands live in proxy/onboarding/, beside the runtime
     modules = {p.stem for p in PROXY.glob("*.py")} - beside
     assert modules == set(RANKS), "give a new module its place in RANKS and docs/architecture.md"
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_only_the_cli_imports_the_onboarding_package() -> None:
+    onboarding = PROXY / "onboarding"
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in sorted(PROXY.rglob("*.py"))
+        if path != PROXY / "cli.py"
+        and onboarding not in path.parents
+        and any(name.startswith("proxy.onboarding") for name in _imports(path))
+    ]
+    assert offenders == []
+
+
+def test_the_onboarding_package_imports_no_command_line_parsing() -> None:
+    for path in sorted((PROXY / "onboarding").glob("*.py")):
+        assert "argparse" not in _imports(path), path.name
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    tests = ROOT / "tests"
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(
+            name
+            for name in _imports(path)
+            if name.startswith(("tests.test_", "tests.conftest"))
+            or name in ("tests.proxyfixtures", "tests.rawhttp", "tests.faultproxy")
+        )
+        for path in sorted(tests.rglob("*.py"))
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}

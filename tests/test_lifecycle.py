@@ -13,34 +13,29 @@ import json
 import os
 import re
 import signal
-import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 import pytest
 
-from proxy.sandbox.authserver import RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority, Issued
-from tests.conftest import (
-    CLIENT_ID,
-    DEFAULT_SCOPES,
+from tests.support.chain import ConfigWriter
+from tests.support.config import DEMO
+from tests.support.fakes import AuthServerHandle, UpstreamHandle
+from tests.support.partner import (
     PKCS12_PASSWORD,
-    SCOPES,
-    AuthServerHandle,
     PartnerFiles,
+    partner_client,
 )
-from tests.proxyfixtures import DEMO, UpstreamHandle
+from tests.support.process import ProxyProcess, get, run_proxy, run_to_exit, wait_ready
+from tests.support.wait import until
 
-ROOT: Final = Path(__file__).resolve().parent.parent
 RFC3339_UTC: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)")
 TEXT_LINE: Final = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) +[\w.]+: .*")
 LEVELS: Final = {"debug", "info", "warning", "error", "critical"}
-START_TIMEOUT_S: Final = 20.0
 
 pytestmark = pytest.mark.slow
 
@@ -48,208 +43,9 @@ pytestmark = pytest.mark.slow
 # -- the process ---------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class ProxyProcess:
-    """A running ``ksz-proxy run`` and everything it wrote on stderr so far."""
-
-    process: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    proxy_url: str = ""
-    admin_url: str = ""
-
-    @property
-    def entries(self) -> list[dict[str, Any]]:
-        """Return the stderr lines parsed as JSON (JSON log format only)."""
-        return [json.loads(line) for line in self.lines]
-
-    async def wait_line(self, predicate: Callable[[str], bool], timeout_s: float = 10.0) -> str:
-        """Return the first stderr line matching ``predicate``, waiting for it if need be."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                for line in self.lines:
-                    if predicate(line):
-                        return line
-                if self.process.returncode is not None and not self.lines:
-                    raise AssertionError("the proxy exited without a line")
-                await asyncio.sleep(0.02)
-
-    async def wait_entry(self, message: str, timeout_s: float = 10.0) -> dict[str, Any]:
-        """Return the first JSON log entry whose message starts with ``message``."""
-
-        def match(line: str) -> bool:
-            return bool(json.loads(line)["message"].startswith(message))
-
-        return dict(json.loads(await self.wait_line(match, timeout_s)))
-
-    def send(self, signum: int) -> None:
-        """Send ``signum`` to the proxy process."""
-        self.process.send_signal(signum)
-
-    async def exit_code(self, timeout_s: float = 15.0) -> int:
-        """Wait for the process to end and return its exit code."""
-        async with asyncio.timeout(timeout_s):
-            return await self.process.wait()
-
-
-async def _drain(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while line := await stream.readline():
-        lines.append(line.decode("utf-8", "replace").rstrip("\n"))
-
-
-@asynccontextmanager
-async def run_proxy(
-    config: Path, *, log_format: str = "json", log_level: str = "info"
-) -> AsyncIterator[ProxyProcess]:
-    """Start ``python -m proxy run -c config``; yield once it logged its URLs; always kill it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--log-format",
-        log_format,
-        "--log-level",
-        log_level,
-        "run",
-        "-c",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    assert process.stderr is not None
-    running = ProxyProcess(process=process)
-    reader = asyncio.create_task(_drain(process.stderr, running.lines))
-    try:
-        started = await running.wait_line(lambda line: "ksz-proxy started" in line, START_TIMEOUT_S)
-        if log_format == "json":
-            entry = json.loads(started)
-            running.proxy_url, running.admin_url = entry["proxy"], entry["admin"]
-        else:
-            running.proxy_url = _text_field(started, "proxy")
-            running.admin_url = _text_field(started, "admin")
-        yield running
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with suppress(TimeoutError):
-            async with asyncio.timeout(10):
-                await process.wait()
-        with suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await reader
-
-
-def _text_field(line: str, name: str) -> str:
-    match = re.search(rf"\b{name}=(\S+)", line)
-    assert match is not None, line
-    return match.group(1)
-
-
-async def run_to_exit(config: Path) -> tuple[int, list[str]]:
-    """Run ``python -m proxy run -c config`` that is expected to exit; return code and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "-c",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        async with asyncio.timeout(START_TIMEOUT_S):
-            _out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, err.decode().splitlines()
-
-
-def write_config(
-    path: Path,
-    *,
-    authserver: AuthServerHandle,
-    upstream: UpstreamHandle,
-    ca_file: Path,
-    pkcs12: Path,
-    password_file: Path,
-    drain_timeout_s: float = 10,
-) -> Path:
-    """Write a config pointing at the fakes (both listeners on free ports); return its path."""
-
-    def q(value: object) -> str:
-        return json.dumps(str(value))  # a TOML basic string for these plain ASCII values
-
-    path.write_text(
-        f"""environment = "test"
-
-[client]
-id = {q(CLIENT_ID)}
-pkcs12 = {q(pkcs12)}
-password_file = {q(password_file)}
-
-[oauth]
-token_url = {q(authserver.token_url)}
-ca_file = {q(ca_file)}
-retry_initial_s = 0.05
-retry_max_s = 0.2
-
-[upstream]
-url = {q(upstream.url)}
-ca_file = {q(ca_file)}
-
-[listen]
-port = 0
-drain_timeout_s = {drain_timeout_s}
-
-[admin]
-port = 0
-
-[[routes]]
-prefix = {q(DEMO)}
-scopes = ["scope:demo:consult"]
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
 @pytest.fixture
-def config_file(
-    tmp_path: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    ca_file: Path,
-    partner_files: PartnerFiles,
-) -> Path:
-    return write_config(
-        tmp_path / "ksz-proxy.toml",
-        authserver=authserver,
-        upstream=fake_upstream,
-        ca_file=ca_file,
-        pkcs12=partner_files.pkcs12,
-        password_file=partner_files.password_file,
-    )
-
-
-async def wait_ready(session: aiohttp.ClientSession, proxy: ProxyProcess) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            async with session.get(proxy.admin_url + "/readyz") as response:
-                if response.status == 200:
-                    return
-            await asyncio.sleep(0.02)
-
-
-async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
-    async with session.get(url) as response:
-        return response.status, await response.read()
+def config_file(config_writer: ConfigWriter) -> Path:
+    return config_writer()
 
 
 def assert_json_log_lines(proxy: ProxyProcess) -> None:
@@ -261,15 +57,6 @@ def assert_json_log_lines(proxy: ProxyProcess) -> None:
         assert RFC3339_UTC.fullmatch(entry["time"]), entry["time"]
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait until ``condition`` holds."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.02)
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Replace ``path`` atomically with ``data`` (mode 0600), as a deployment tool would."""
     temporary = path.with_name(path.name + ".new")
@@ -277,15 +64,6 @@ def write_private(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(temporary, path)
-
-
-def registration(issued: Issued) -> RegisteredClient:
-    return RegisteredClient(
-        client_id=CLIENT_ID,
-        certificate=issued.certificate,
-        scopes=SCOPES,
-        default_scopes=DEFAULT_SCOPES,
-    )
 
 
 # -- stopping ------------------------------------------------------------------------------------
@@ -350,23 +128,10 @@ class Cut:
 
 
 async def sigterm_with_a_stuck_request(
-    tmp_path: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    ca_file: Path,
-    partner_files: PartnerFiles,
-    drain_timeout_s: float,
+    config_writer: ConfigWriter, fake_upstream: UpstreamHandle, drain_timeout_s: float
 ) -> Cut:
     """Run the proxy, leave a request stuck upstream, send SIGTERM, and report how it ended."""
-    config = write_config(
-        tmp_path / "short-drain.toml",
-        authserver=authserver,
-        upstream=fake_upstream,
-        ca_file=ca_file,
-        pkcs12=partner_files.pkcs12,
-        password_file=partner_files.password_file,
-        drain_timeout_s=drain_timeout_s,
-    )
+    config = config_writer("short-drain.toml", drain_timeout_s=drain_timeout_s)
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as session:
         await wait_ready(session, proxy)
         stuck = asyncio.create_task(get(session, proxy.proxy_url + DEMO + "/stall?seconds=60"))
@@ -389,15 +154,9 @@ async def sigterm_with_a_stuck_request(
 
 
 async def test_sigterm_cuts_what_is_still_running_after_the_drain(
-    tmp_path: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    ca_file: Path,
-    partner_files: PartnerFiles,
+    config_writer: ConfigWriter, fake_upstream: UpstreamHandle
 ) -> None:
-    cut = await sigterm_with_a_stuck_request(
-        tmp_path, authserver, fake_upstream, ca_file, partner_files, drain_timeout_s=0.5
-    )
+    cut = await sigterm_with_a_stuck_request(config_writer, fake_upstream, drain_timeout_s=0.5)
     assert cut.exit_code == 0
     assert cut.exit_after_s < 5
     # The caller sees its connection end (or a 5xx), never a 200 for an unfinished answer.
@@ -410,15 +169,9 @@ async def test_sigterm_cuts_what_is_still_running_after_the_drain(
 
 
 async def test_sigterm_drain_is_bounded_by_drain_timeout_s(
-    tmp_path: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    ca_file: Path,
-    partner_files: PartnerFiles,
+    config_writer: ConfigWriter, fake_upstream: UpstreamHandle
 ) -> None:
-    cut = await sigterm_with_a_stuck_request(
-        tmp_path, authserver, fake_upstream, ca_file, partner_files, drain_timeout_s=1.5
-    )
+    cut = await sigterm_with_a_stuck_request(config_writer, fake_upstream, drain_timeout_s=1.5)
     assert cut.exit_code == 0
     # Generous margin either way: a correct drain ends near 1.5 s, the faulty one near 3 s.
     assert cut.handled_s < 2.25
@@ -446,23 +199,15 @@ async def test_startup_summary_and_a_warning_for_a_certificate_expiring_soon(
     tmp_path: Path,
     authserver: AuthServerHandle,
     fake_upstream: UpstreamHandle,
-    ca_file: Path,
     partner_ca: CertificateAuthority,
-    partner_files: PartnerFiles,
+    config_writer: ConfigWriter,
 ) -> None:
     soon = partner_ca.issue_client(
         "partner expiring soon", not_after=datetime.now(UTC) + timedelta(days=10)
     )
-    authserver.server.register(registration(soon))
+    authserver.server.register(partner_client(soon))
     keystore = soon.write_pkcs12(tmp_path / "soon.p12", PKCS12_PASSWORD.encode())
-    config = write_config(
-        tmp_path / "soon.toml",
-        authserver=authserver,
-        upstream=fake_upstream,
-        ca_file=ca_file,
-        pkcs12=keystore,
-        password_file=partner_files.password_file,
-    )
+    config = config_writer("soon.toml", pkcs12=keystore)
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as session:
         await wait_ready(session, proxy)
         status, body = await get(session, proxy.admin_url + "/health")
@@ -504,22 +249,14 @@ async def test_startup_summary_and_a_warning_for_a_certificate_expiring_soon(
     ],
 )
 async def test_bad_configuration_exits_2_with_one_line_naming_the_key(
-    tmp_path: Path,
     authserver: AuthServerHandle,
     fake_upstream: UpstreamHandle,
-    ca_file: Path,
+    config_writer: ConfigWriter,
     partner_files: PartnerFiles,
     case: str,
     key: str,
 ) -> None:
-    config = write_config(
-        tmp_path / "bad.toml",
-        authserver=authserver,
-        upstream=fake_upstream,
-        ca_file=ca_file,
-        pkcs12=partner_files.pkcs12,
-        password_file=partner_files.password_file,
-    )
+    config = config_writer("bad.toml")
     text = config.read_text()
     if case == "plain http upstream":
         text = text.replace(f'url = "{fake_upstream.url}"', 'url = "http://127.0.0.1:9"')
@@ -560,7 +297,7 @@ async def test_sighup_rotates_to_a_newly_registered_certificate(
         renewed = partner_ca.issue_client(
             "partner renewed", not_after=datetime.now(UTC) + timedelta(days=200)
         )
-        server.register(registration(renewed))
+        server.register(partner_client(renewed))
         write_private(partner_files.pkcs12, renewed.pkcs12(PKCS12_PASSWORD.encode()))
         requests_before, issued_before = len(server.requests), len(server.issued)
         proxy.send(signal.SIGHUP)

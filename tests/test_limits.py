@@ -10,9 +10,8 @@ import asyncio
 import hashlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Final
 
 import pytest
@@ -21,34 +20,14 @@ import trustme
 from proxy.sandbox.authserver import Fault
 from proxy.sandbox.serve import serve
 from proxy.sandbox.upstream import FakeUpstream, stream_chunks, stream_sha256
-from tests.conftest import AuthServerHandle
-from tests.proxyfixtures import DEMO, Chain, ChainFactory
-from tests.rawhttp import (
-    assert_problem,
-    build,
-    close_writer,
-    exchange,
-    read_responses,
-)
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO
+from tests.support.fakes import AuthServerHandle
+from tests.support.rawhttp import assert_problem, build, close_writer, exchange, read_responses
+from tests.support.rss import rss_bytes
+from tests.support.wait import until
 
 MIB: Final = 1024 * 1024
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` until it is true; fail after ``timeout_s``."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-
-
-def rss_bytes() -> int:
-    """Return this process's resident set size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @asynccontextmanager
@@ -126,7 +105,7 @@ async def test_chunked_body_crossing_the_limit_is_413_and_the_upstream_aborted(
     assert_problem(result.only, 413, "payload_too_large")
     assert result.only.headers["Connection"] == "close"
     # The upstream may have started receiving: it must never have seen a whole body.
-    await wait_for(lambda: all(not seen.body_complete for seen in chain.upstream.seen), 3.0)
+    await until(lambda: all(not seen.body_complete for seen in chain.upstream.seen), 3.0)
     assert all(seen.body_bytes <= 1000 for seen in chain.upstream.seen)
 
 
@@ -171,7 +150,7 @@ async def test_slow_body_is_408(make_chain: ChainFactory, replay_max_bytes: int)
     assert time.monotonic() - started < 4.0
     assert_problem(result.only, 408, "body_timeout")
     assert result.only.headers["Connection"] == "close"
-    await wait_for(lambda: all(not seen.body_complete for seen in chain.upstream.seen), 3.0)
+    await until(lambda: all(not seen.body_complete for seen in chain.upstream.seen), 3.0)
 
 
 # -- G26: idle and slow-header connections --------------------------------------------------------
@@ -219,7 +198,7 @@ async def test_in_flight_cap_answers_503_fast(make_chain: ChainFactory) -> None:
 
     stalled = [asyncio.create_task(stall()) for _ in range(2)]
     try:
-        await wait_for(lambda: chain.proxy.drain.in_flight == 2)
+        await until(lambda: chain.proxy.drain.in_flight == 2)
         started = time.monotonic()
         async with chain.request("GET", DEMO + "/x") as response:
             assert response.status == 503
@@ -234,7 +213,7 @@ async def test_in_flight_cap_answers_503_fast(make_chain: ChainFactory) -> None:
             task.cancel()
         await asyncio.gather(*stalled, return_exceptions=True)
     assert [seen.target for seen in chain.upstream.seen] == [DEMO + "/stall?seconds=3"] * 2
-    await wait_for(lambda: chain.proxy.drain.in_flight == 0)
+    await until(lambda: chain.proxy.drain.in_flight == 0)
     async with chain.request("GET", DEMO + "/after") as response:
         assert response.status == 200
 
@@ -251,15 +230,15 @@ async def test_caller_disconnect_cancels_the_upstream_request(chain: Chain) -> N
     try:
         writer.write(build("GET", DEMO + "/stall?seconds=10", chain.port))
         await writer.drain()
-        await wait_for(lambda: chain.upstream.count == 2)
+        await until(lambda: chain.upstream.count == 2)
         assert chain.proxy.drain.in_flight == 1
         # The proxy's handler and the fake upstream's stalled handler are both running now.
         assert len(asyncio.all_tasks()) > baseline
     finally:
         await close_writer(writer)
-    await wait_for(lambda: chain.proxy.drain.in_flight == 0, 2.0)
+    await until(lambda: chain.proxy.drain.in_flight == 0, 2.0)
     # Both handlers are gone: nothing waits out the 10 s stall (the token refresher may tick).
-    await wait_for(lambda: len(asyncio.all_tasks()) <= baseline + 1, 2.0)
+    await until(lambda: len(asyncio.all_tasks()) <= baseline + 1, 2.0)
 
 
 # -- G30: streaming memory ------------------------------------------------------------------------

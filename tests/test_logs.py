@@ -22,12 +22,14 @@ from typing import Any, Final
 import pytest
 
 from proxy import logs
-from proxy.config import Secret
 from proxy.logs import JsonFormatter, TextFormatter, record_fields
 from proxy.sandbox.authserver import Fault
 from proxy.sandbox.pki import Issued
-from tests.conftest import PKCS12_PASSWORD, AuthServerHandle
-from tests.proxyfixtures import DEMO, OTHER, Chain, ChainFactory
+from proxy.secret import Secret
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO, OTHER
+from tests.support.fakes import AuthServerHandle
+from tests.support.partner import PKCS12_PASSWORD
 
 RFC3339_UTC: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)")
 REQUIRED_KEYS: Final = {"level", "time", "logger", "message"}

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from proxy.sandbox.authserver import Fault
-from tests.proxyfixtures import DEMO, OTHER, Chain, ChainFactory, UpstreamHandle
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO, OTHER
+from tests.support.fakes import UpstreamHandle
 
 
 def problem_of(body: bytes) -> dict[str, Any]:

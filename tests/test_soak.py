@@ -1,12 +1,12 @@
 """A bounded soak (SECURITY 30, 33, 36, 37): a minute of steady mixed load through a real chain.
 
-The proxy and both fakes run in this process, on the test's event loop, so the test can steer
-them and look inside (cached tokens, refused tokens, injected faults, the proxy's tasks and
-descriptors). The load comes from another process, ``tests/soakload.py``, with an event loop of
-its own: 12 workers send GET and POST, small and large bodies, chunked uploads, on both routes,
-for ``KSZ_SOAK_S`` seconds (60 by default), after a 5 s warm-up that fills every connection
-pool. Sharing one loop with the proxy made the load generator starve it (and be starved) on a
-busy 2-core machine: 408 and 504 answers that said nothing about the proxy.
+The proxy and both fakes run in this process, on the test's event loop, so the test can steer them
+and look inside (cached tokens, refused tokens, injected faults, the proxy's tasks and descriptors).
+The load comes from another process, ``tests/support/soakload.py``, with an event loop of its own:
+12 workers send GET and POST, small and large bodies, chunked uploads, on both routes, for
+``KSZ_SOAK_S`` seconds (60 by default), after a 5 s warm-up that fills every connection pool.
+Sharing one loop with the proxy made the load generator starve it (and be starved) on a busy 2-core
+machine: 408 and 504 answers that said nothing about the proxy.
 
 Meanwhile, on a timeline:
 
@@ -65,18 +65,12 @@ from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.upstream import stream_chunks, stream_sha256
 from proxy.server import RunningProxy, reload_credentials, start
 from proxy.tokens import TokenProvider
-from tests.conftest import (
-    CLIENT_ID,
-    DEFAULT_SCOPES,
-    PKCS12_PASSWORD,
-    SCOPES,
-    AuthServerHandle,
-    PartnerFiles,
-)
-from tests.proxyfixtures import DEMO, OTHER, Chain, ChainFactory, UpstreamHandle
-from tests.test_admin import samples, scrape
-from tests.test_limits import rss_bytes
-from tests.test_tokens import make_config
+from tests.support.chain import Chain, ChainFactory
+from tests.support.config import DEMO, OTHER, chain_data, changed, make_config, write_toml
+from tests.support.fakes import AuthServerHandle, UpstreamHandle
+from tests.support.metrics import samples, scrape
+from tests.support.partner import CLIENT_ID, DEFAULT_SCOPES, PKCS12_PASSWORD, SCOPES, PartnerFiles
+from tests.support.rss import rss_bytes
 
 KIB: Final = 1024
 MIB: Final = 1024 * KIB
@@ -94,53 +88,17 @@ def write_config(
     path: Path, auth: AuthServerHandle, upstream: UpstreamHandle, files: PartnerFiles, ca: Path
 ) -> Path:
     """Write the chain's configuration to a file, so that a reload can read it again."""
-
-    def q(value: object) -> str:
-        return json.dumps(str(value))  # a TOML basic string for these plain values
-
-    path.write_text(
-        f"""
-[client]
-id = {q(CLIENT_ID)}
-pkcs12 = {q(files.pkcs12)}
-password_file = {q(files.password_file)}
-
-[oauth]
-token_url = {q(auth.token_url)}
-ca_file = {q(ca)}
-retry_initial_s = 0.05
-retry_max_s = 0.2
-refresh_ratio = 0.3
-# Each assertion names its certificate, so the fake's records show which one signed it.
-key_id = "x5t#S256"
-
-[upstream]
-url = {q(upstream.url)}
-ca_file = {q(ca)}
-replay_max_bytes = {4 * MIB}
-# The proxy and both fakes share this process's one event loop, saturated by the load: a TLS
-# handshake with the fake upstream waits on both of its ends. The soak is about tokens, 401s and
-# reloads, not about timeouts (tests/test_faults.py covers those).
-connect_timeout_s = 30
-
-[listen]
-port = 0
-max_body_bytes = {16 * MIB}
-
-[admin]
-port = 0
-
-[[routes]]
-prefix = {q(DEMO)}
-scopes = ["scope:demo:consult"]
-
-[[routes]]
-prefix = {q(OTHER)}
-scopes = ["scope:cbss:api:demo:consult"]
-""",
-        encoding="utf-8",
+    data = changed(
+        chain_data(auth, upstream.url, files, ca),
+        # Each assertion names its certificate, so the fake's records show which one signed it.
+        oauth={"refresh_ratio": 0.3, "key_id": "x5t#S256"},
+        # The proxy and both fakes share this process's one event loop, saturated by the load: a
+        # TLS handshake with the fake upstream waits on both of its ends. The soak is about tokens,
+        # 401s and reloads, not about timeouts (tests/test_faults.py covers those).
+        upstream={"replay_max_bytes": 4 * MIB, "connect_timeout_s": 30},
+        listen={"max_body_bytes": 16 * MIB},
     )
-    return path
+    return write_toml(path, data)
 
 
 @pytest.fixture
@@ -157,7 +115,7 @@ async def soak_chain(
     config = load_config(path, {})
     authserver.server.expires_in = TOKEN_LIFETIME_S
     running = await start(config, load_credentials(config.client), drain_s=2.0)
-    # Only for readiness and /metrics: the load comes from tests/soakload.py.
+    # Only for readiness and /metrics: the load comes from tests/support/soakload.py.
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         chain = Chain(
             proxy=running,
@@ -178,7 +136,7 @@ async def soak_chain(
 
 @dataclass(slots=True)
 class LoadGenerator:
-    """A running ``python -m tests.soakload``, steered line by line (see its docstring)."""
+    """A running ``python -m tests.support.soakload``, steered line by line (see its docstring)."""
 
     process: asyncio.subprocess.Process
     errors: Path
@@ -214,7 +172,7 @@ async def load_generator(url: str, errors: Path) -> AsyncIterator[LoadGenerator]
     """Start the load generator against ``url``; end it (killing it if need be) on the way out."""
     with errors.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "tests.soakload", "--url", url),
+            *(sys.executable, "-m", "tests.support.soakload", "--url", url),
             *("--route", DEMO, "--route", OTHER, "--workers", str(WORKERS), "--seed", "1"),
             # Its own bounds, should this test be gone before it says stop.
             *("--max-run-s", str(SOAK_S + 60), "--max-life-s", str(SOAK_S + 300)),

@@ -12,7 +12,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import Config, parse_config
 from proxy.credentials import Credentials, load_credentials
 from proxy.errors import TokenUnavailable
 from proxy.oauth import make_session, parse_retry_after, parse_token_response
@@ -23,43 +22,12 @@ from proxy.tokens import (
     TokenProvider,
     backoff_delay,
 )
-from tests.conftest import CLIENT_ID, AuthServerHandle, PartnerFiles
+from tests.support.clock import FakeClock
+from tests.support.config import make_config
+from tests.support.fakes import AuthServerHandle
+from tests.support.partner import CLIENT_ID, PartnerFiles
 
 SCOPES = frozenset({"scope:demo:consult"})
-
-
-class FakeClock:
-    """A monotonic clock that tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def make_config(
-    token_url: str | None, files: PartnerFiles, ca_file: Path | None, **oauth: Any
-) -> Config:
-    oauth_table: dict[str, Any] = {**oauth}
-    if token_url is not None:
-        oauth_table["token_url"] = token_url
-    if ca_file is not None:
-        oauth_table["ca_file"] = str(ca_file)
-    data: dict[str, Any] = {
-        "client": {
-            "id": CLIENT_ID,
-            "pkcs12": str(files.pkcs12),
-            "password_file": str(files.password_file),
-        },
-        "oauth": oauth_table,
-        "upstream": {"url": "https://127.0.0.1:9"},
-        "routes": [{"prefix": "/REST/demo/v1", "scopes": sorted(SCOPES)}],
-    }
-    return parse_config(data, {})
 
 
 ProviderFactory = Callable[..., Awaitable[TokenProvider]]

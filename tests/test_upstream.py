@@ -25,7 +25,8 @@ from yarl import URL
 from proxy.sandbox.pki import Issued
 from proxy.sandbox.serve import Served, serve
 from proxy.sandbox.upstream import FakeUpstream, SeenRequest, stream_chunks, stream_sha256
-from tests.conftest import CLIENT_ID, AuthServerHandle
+from tests.support.fakes import AuthServerHandle
+from tests.support.partner import CLIENT_ID
 
 API = "/REST/demo/v1"
 SCOPE = "scope:demo:consult"

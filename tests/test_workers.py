@@ -1,6 +1,6 @@
 """``listen.workers = 2``: a supervisor and two forked workers on one port, run as operators do.
 
-The proxy runs as ``python -m proxy run`` in a subprocess (see tests/test_lifecycle.py); the
+The proxy runs as ``python -m proxy run`` in a subprocess (see tests/support/process.py); the
 fakes run in the test process and count what they saw. Also here: the metrics merge as a pure
 function, and the configuration rule that workers need a fixed port.
 """
@@ -21,53 +21,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.admin import merge_metrics
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from tests.conftest import AuthServerHandle, PartnerFiles
-from tests.proxyfixtures import DEMO, UpstreamHandle
-from tests.test_admin import samples
-from tests.test_lifecycle import (
-    ProxyProcess,
-    get,
-    run_proxy,
-    run_to_exit,
-    until,
-    wait_ready,
-    write_config,
-)
+from tests.support.chain import ConfigWriter
+from tests.support.config import DEMO
+from tests.support.fakes import AuthServerHandle, UpstreamHandle
+from tests.support.metrics import samples
+from tests.support.process import ProxyProcess, free_port, get, run_proxy, run_to_exit, wait_ready
+from tests.support.wait import until
 
 WORKERS: Final = 2
 
 
-def free_port() -> int:
-    """Return a loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def workers_config(
-    tmp_path: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    ca_file: Path,
-    partner_files: PartnerFiles,
-) -> Path:
-    path = write_config(
-        tmp_path / "ksz-proxy.toml",
-        authserver=authserver,
-        upstream=fake_upstream,
-        ca_file=ca_file,
-        pkcs12=partner_files.pkcs12,
-        password_file=partner_files.password_file,
-        drain_timeout_s=5,
-    )
-    text = path.read_text(encoding="utf-8")
-    port = free_port()
-    path.write_text(
-        text.replace("[listen]\nport = 0\n", f"[listen]\nport = {port}\nworkers = {WORKERS}\n"),
-        encoding="utf-8",
-    )
-    return path
+def workers_config(config_writer: ConfigWriter) -> Path:
+    return config_writer(drain_timeout_s=5, listen={"port": free_port(), "workers": WORKERS})
 
 
 def listen_port(config: Path) -> int:

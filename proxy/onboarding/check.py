@@ -12,7 +12,7 @@ The steps follow a connection as it is made, so the first failure is the one to 
 6. health: ``GET <api>/health`` through a proxy started in-process from the same configuration
    on ephemeral loopback ports, so the request takes the proxy's real path.
 
-Steps 2 to 4 live in ``probes.py``, steps 5 and 6 in ``proof.py``; this module runs them in order,
+Steps 2 to 4 live in ``probes.py``, steps 5 and 6 in ``steps.py``; this module runs them in order,
 renders the checklist (or JSON) and decides the exit code: 0 when every step passed, 1 otherwise,
 2 when the configuration itself does not load.
 
@@ -23,20 +23,18 @@ answer body only the Belgif ``status`` field is shown.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from proxy.config import Config, Route, config_path
+from proxy.config import Config, Route
 from proxy.credentials import Credentials, load_setup
 from proxy.errors import ConfigError, CredentialError
-from proxy.probes import ESB, CheckSettings, StepResult, endpoints, network, skip
-from proxy.proof import check_health, check_tokens
+from proxy.onboarding.probes import ESB, CheckSettings, StepResult, endpoints, network, skip
+from proxy.onboarding.steps import check_health, check_tokens
 
 TITLES: Final = {
     1: "configuration",
@@ -87,11 +85,12 @@ class Report:
 # -- entry points ------------------------------------------------------------------------------
 
 
-def command(args: argparse.Namespace, out: TextIO) -> int:
+def check(
+    *, config: Path, api: str | None, as_json: bool, environ: Mapping[str, str], out: TextIO
+) -> int:
     """Run ``ksz-proxy check`` and print the checklist (or JSON); return the exit code."""
-    path = config_path(args.config, os.environ)
-    report = asyncio.run(run_checks(path, os.environ, api=args.api))
-    if args.json:
+    report = asyncio.run(run_checks(config, environ, api=api))
+    if as_json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False), file=out)
     else:
         render(report, out)

@@ -26,7 +26,8 @@ from proxy import oauth, tokens
 from proxy.config import DEFAULT_ALLOWED_HOSTS, Config, Route
 from proxy.credentials import Credentials
 from proxy.errors import ProxyError, TokenUnavailable
-from proxy.probes import ESB, CheckSettings, StepResult, fail, skip
+from proxy.onboarding.probes import ESB, CheckSettings, StepResult, fail, skip
+from proxy.scopes import DEFAULT_TEXT, scope_label
 from proxy.server import start
 
 SKEW_WARN_S: Final = 5.0
@@ -34,11 +35,6 @@ _MAX_BODY: Final = 64 * 1024
 
 
 # -- step 5: token -----------------------------------------------------------------------------
-
-
-def scope_label(scopes: frozenset[str]) -> str:
-    """Return a scope set for people: space-separated, or ``(default)`` when empty."""
-    return " ".join(sorted(scopes)) or "(default)"
 
 
 def token_advice(
@@ -72,8 +68,8 @@ def token_advice(
         return cause, fix
     if code == "invalid_scope":
         return (
-            f"scope {scope_label(scopes)} is not granted to client-id {config.client.id} "
-            "(invalid_scope)",
+            f"scope {scope_label(scopes, default=DEFAULT_TEXT)} is not granted to client-id "
+            f"{config.client.id} (invalid_scope)",
             f"ask {ESB} to grant it to this client-id, or correct routes[].scopes / oauth.scopes",
         )
     hint = oauth.HINTS.get(code or exc.reason)
@@ -99,7 +95,9 @@ async def check_tokens(
     scope_sets = list(dict.fromkeys(wanted))
     if not reachable:
         why = "the token endpoint is not reachable (steps 2-4)"
-        return {s: skip(5, "scopes " + scope_label(s), why) for s in scope_sets}, []
+        return {
+            s: skip(5, "scopes " + scope_label(s, default=DEFAULT_TEXT), why) for s in scope_sets
+        }, []
     async with oauth.make_session(config) as session:
         provider = tokens.TokenProvider(config, credentials, session)
         try:
@@ -111,7 +109,7 @@ async def check_tokens(
     skew = provider.clock_skew_s
     results: dict[frozenset[str], StepResult] = {}
     for scopes, outcome in zip(scope_sets, outcomes, strict=True):
-        target = "scopes " + scope_label(scopes)
+        target = "scopes " + scope_label(scopes, default=DEFAULT_TEXT)
         if isinstance(outcome, TokenUnavailable):
             cause, fix = token_advice(outcome, config, credentials, scopes, skew)
             results[scopes] = fail(5, target, outcome.detail, cause, fix)
@@ -270,7 +268,7 @@ def _judge_health(label: str, route: Route, status: int, data: dict[str, Any]) -
     if 200 <= status < 300:
         return StepResult(number=6, target=label, status="ok", detail=detail)
     if status in (401, 403):
-        scope = scope_label(route.scopes)
+        scope = scope_label(route.scopes, default=DEFAULT_TEXT)
         return StepResult(
             number=6,
             target=label,

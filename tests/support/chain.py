@@ -12,25 +12,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import Config, parse_config
+from proxy.config import Config
 from proxy.credentials import load_credentials
-from proxy.sandbox.serve import Served, serve
+from proxy.sandbox.serve import serve
 from proxy.sandbox.upstream import FakeUpstream
 from proxy.server import RunningProxy, start
-from tests.conftest import CLIENT_ID, AuthServerHandle, PartnerFiles
-
-DEMO = "/REST/demo/v1"
-OTHER = "/REST/other/v2"
-
-
-@dataclass(slots=True)
-class UpstreamHandle:
-    upstream: FakeUpstream
-    served: Served
-
-    @property
-    def url(self) -> str:
-        return self.served.url
+from tests.support.config import chain_config, write_config
+from tests.support.fakes import AuthServerHandle, UpstreamHandle
+from tests.support.partner import PartnerFiles
 
 
 @dataclass(slots=True)
@@ -69,46 +58,8 @@ class Chain:
                 await asyncio.sleep(0.02)
 
 
-def chain_config(
-    auth: AuthServerHandle,
-    upstream_url: str,
-    files: PartnerFiles,
-    ca_file: Path,
-    **sections: dict[str, Any],
-) -> Config:
-    """Return a proxy config pointing at the fakes; ``sections`` override/extend tables."""
-    data: dict[str, Any] = {
-        "client": {
-            "id": CLIENT_ID,
-            "pkcs12": str(files.pkcs12),
-            "password_file": str(files.password_file),
-        },
-        "oauth": {
-            "token_url": auth.token_url,
-            "ca_file": str(ca_file),
-            "retry_initial_s": 0.05,
-            "retry_max_s": 0.2,
-        },
-        "upstream": {"url": upstream_url, "ca_file": str(ca_file)},
-        "listen": {"port": 0},
-        "admin": {"port": 0},
-        "routes": [
-            {"prefix": DEMO, "scopes": ["scope:demo:consult"]},
-            {"prefix": OTHER, "scopes": ["scope:cbss:api:demo:consult"]},
-        ],
-    }
-    for name, table in sections.items():
-        if name == "routes":
-            data["routes"] = table
-        else:
-            target = data.setdefault(name, {})
-            target.update(table)
-            for key in [k for k, v in table.items() if v is None]:
-                del target[key]  # None removes a key
-    return parse_config(data, {})
-
-
 ChainFactory = Callable[..., Awaitable[Chain]]
+ConfigWriter = Callable[..., Path]
 
 
 @pytest.fixture
@@ -157,3 +108,27 @@ async def make_chain(
 @pytest.fixture
 async def chain(make_chain: ChainFactory) -> Chain:
     return await make_chain()
+
+
+@pytest.fixture
+def config_writer(
+    tmp_path: Path,
+    authserver: AuthServerHandle,
+    fake_upstream: UpstreamHandle,
+    partner_files: PartnerFiles,
+    ca_file: Path,
+) -> ConfigWriter:
+    """Return ``write(name, *, pkcs12=None, **changes)``: a config file for the fakes."""
+
+    def write(name: str = "ksz-proxy.toml", *, pkcs12: Path | None = None, **changes: Any) -> Path:
+        return write_config(
+            tmp_path / name,
+            authserver=authserver,
+            upstream=fake_upstream,
+            ca_file=ca_file,
+            pkcs12=pkcs12 or partner_files.pkcs12,
+            password_file=partner_files.password_file,
+            **changes,
+        )
+
+    return write

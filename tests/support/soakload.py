@@ -1,8 +1,8 @@
 """Own the soak's load generator: a child process with its own event loop (tests/test_soak.py).
 
-Run as ``python -m tests.soakload --url http://127.0.0.1:PORT --route /REST/demo/v1 ...`` from
-the repository root. Workers send mixed requests through the proxy -- GET, downloads of up to
-1 MiB, small and 2 MiB POSTs, chunked PUTs -- and check every answer completely (status, and the
+Run as ``python -m tests.support.soakload --url http://127.0.0.1:PORT --route /REST/demo/v1 ...``
+from the repository root. Workers send mixed requests through the proxy -- GET, downloads of up to 1
+MiB, small and 2 MiB POSTs, chunked PUTs -- and check every answer completely (status, and the
 SHA-256 of every body either way), keeping their keep-alive connections between runs.
 
 It is steered by lines on standard input:
@@ -241,7 +241,7 @@ async def serve_commands(settings: Settings) -> int:
 
 def parse_args(argv: Sequence[str]) -> Settings:
     """Return the settings named on the command line (127.0.0.1 URLs only)."""
-    parser = argparse.ArgumentParser(prog="python -m tests.soakload", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.support.soakload", description=__doc__)
     parser.add_argument("--url", required=True, help="the proxy, http://127.0.0.1:PORT")
     parser.add_argument("--route", action="append", required=True, help="a route prefix")
     parser.add_argument("--workers", type=int, default=12)
