@@ -1,8 +1,8 @@
 """Own the admin listener: ``/livez``, ``/readyz``, ``/health``, ``/metrics``, in both forms.
 
 - One process (``listen.workers = 1``, or each worker): the answers come from this process's
-  token provider, drain and metrics, found under the typed ``AppKey``s below (``server.py``
-  creates the resources under them).
+  token providers (one per client), drain and metrics, found under the typed ``AppKey``s below
+  (``server.py`` creates the resources under them).
 - The supervisor of ``listen.workers`` > 1: the answers are the workers' own, asked over their
   admin sockets and merged: ``/metrics`` is every worker's metrics with a ``worker`` label added,
   ``/readyz`` is ready when every worker is, ``/health`` reports the worst worker at the top
@@ -26,14 +26,18 @@ from proxy.config import Config
 from proxy.drain import Drain
 from proxy.errors import NotReady
 from proxy.forward import Forwarder
-from proxy.health import assess
+from proxy.health import ClientState, assess_clients
 from proxy.metrics import Metrics, scope_label
 from proxy.problems import problem_response
 from proxy.tokens import TokenProvider
 
 CONFIG: Final = web.AppKey("config", Config)
 DRAIN: Final = web.AppKey("drain", Drain)
-TOKENS: Final = web.AppKey("tokens", TokenProvider)
+TOKENS: Final = web.AppKey("tokens", TokenProvider)  # the default (first) client's
+# Every client's provider by client name; a route gets tokens from its own client's only.
+CLIENT_TOKENS: Final = web.AppKey("client_tokens", dict[str, TokenProvider])
+# Why each client's last credential reload failed (no secret), by client name.
+RELOAD_ERRORS: Final = web.AppKey("reload_errors", dict[str, str])
 FORWARDER: Final = web.AppKey("forwarder", Forwarder)
 METRICS: Final = web.AppKey("metrics", Metrics)
 
@@ -103,10 +107,12 @@ async def _readyz(request: web.Request) -> web.Response:
     app = request.app
     if app[DRAIN].draining:
         return not_ready("draining", "The proxy is shutting down.")
-    provider = app[TOKENS]
-    for scopes in app[CONFIG].scope_sets:
-        if provider.peek(scopes) is None:
-            return not_ready("no_token", "No usable token yet for every configured scope set.")
+    for provider in app[CLIENT_TOKENS].values():
+        for scopes in provider.scope_sets:
+            if provider.peek(scopes) is None:
+                return not_ready(
+                    "no_token", "No usable token yet for every client and configured scope set."
+                )
     return web.json_response({"status": "UP"})
 
 
@@ -130,10 +136,19 @@ async def _merged_readyz(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     app = request.app
-    verdict = assess(
-        scope_sets=app[CONFIG].scope_sets,
-        tokens=app[TOKENS].status(),
-        certificate_not_after=app[TOKENS].credentials.not_after,
+    reload_errors = app[RELOAD_ERRORS]
+    verdict = assess_clients(
+        [
+            ClientState(
+                name=name,
+                client_id=provider.client.id,
+                scope_sets=provider.scope_sets,
+                tokens=tuple(provider.status()),
+                certificate_not_after=provider.credentials.not_after,
+                reload_error=reload_errors.get(name),
+            )
+            for name, provider in app[CLIENT_TOKENS].items()
+        ],
         draining=app[DRAIN].draining,
     )
     return web.json_response(
@@ -170,16 +185,19 @@ async def _merged_health(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[METRICS]
-    provider = app[TOKENS]
     # Gauges that describe state are read at scrape time, off the request path.
-    for status in provider.status():
-        metrics.token_expiry.labels(scopes=scope_label(status.scopes)).set(
-            status.expires_at_wall or 0
+    for name, provider in app[CLIENT_TOKENS].items():
+        for status in provider.status():
+            metrics.token_expiry.labels(client=name, scopes=scope_label(status.scopes)).set(
+                status.expires_at_wall or 0
+            )
+        metrics.certificate_expiry.labels(client=name).set(
+            provider.credentials.not_after.timestamp()
         )
-    if provider.clock_skew_s is not None:
-        metrics.clock_skew.set(provider.clock_skew_s)
+    skew = app[TOKENS].clock_skew_s
+    if skew is not None:
+        metrics.clock_skew.set(skew)
     metrics.in_flight.set(app[DRAIN].in_flight)
-    metrics.certificate_expiry.set(provider.credentials.not_after.timestamp())
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -256,7 +274,10 @@ def make_admin_app(config: Config, drain: Drain) -> web.Application:
     app = web.Application(handler_args={"auto_decompress": False})
     app[CONFIG] = config
     app[DRAIN] = drain
-    app[METRICS] = Metrics((r.prefix for r in config.routes), config.scope_sets)
+    app[METRICS] = Metrics(
+        (r.prefix for r in config.routes), config.token_keys, config.clients_by_name
+    )
+    app[RELOAD_ERRORS] = {}
     _add_routes(app, _ROUTES)
     return app
 

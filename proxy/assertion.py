@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import jwt
 
-from proxy.config import Config
+from proxy.config import ClientConfig, Config
 from proxy.credentials import Credentials
 
 JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -35,13 +35,18 @@ class AssertionSettings:
 
     @classmethod
     def from_config(cls, config: Config, token_url: str) -> AssertionSettings:
-        """Build settings from the configuration and the (possibly discovered) token URL."""
+        """Build the default client's settings from the configuration and the token URL."""
+        return cls.for_client(config.client, token_url)
+
+    @classmethod
+    def for_client(cls, client: ClientConfig, token_url: str) -> AssertionSettings:
+        """Build one client's settings (resolved against [oauth] by the config loader)."""
         return cls(
-            client_id=config.client.id,
-            audience=config.oauth.audience or token_url,
-            algorithm=config.oauth.algorithm,
-            key_id=config.oauth.key_id,
-            lifetime_s=config.oauth.assertion_lifetime_s,
+            client_id=client.id,
+            audience=client.audience or token_url,
+            algorithm=client.algorithm,
+            key_id=client.key_id,
+            lifetime_s=client.assertion_lifetime_s,
         )
 
 

@@ -13,8 +13,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from proxy import __version__, logs, workers
+from proxy.clients import load_setup
 from proxy.config import DEFAULT_CONFIG_NAME, config_path
-from proxy.credentials import load_setup
 from proxy.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", help=config_help)
     check.add_argument("--api", help="API path prefix to call /health on (default: every route)")
     check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.add_argument("--client", help="check this client only (default: every client)")
 
     cert = commands.add_parser("cert-info", help="show a certificate or keystore")
     source = cert.add_mutually_exclusive_group()
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("-c", "--config", help=config_help)
     token.add_argument("--scope", action="append", default=[], help="scope (repeatable)")
     token.add_argument("--show-token", action="store_true", help="also print the token itself")
+    token.add_argument(
+        "--client", help='fetch for this client (default: "default", or the only client)'
+    )
 
     sandbox = commands.add_parser("sandbox", help="run a fake KSZ with the proxy in front of it")
     sandbox.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
@@ -146,7 +150,12 @@ def _onboarding(args: argparse.Namespace) -> int:
         from proxy.onboarding.check import check
 
         return check(
-            config=config, api=args.api, as_json=args.json, environ=environ, out=sys.stdout
+            config=config,
+            api=args.api,
+            as_json=args.json,
+            environ=environ,
+            out=sys.stdout,
+            client=args.client,
         )
     if args.command == "token":
         from proxy.onboarding.token import token
@@ -157,6 +166,7 @@ def _onboarding(args: argparse.Namespace) -> int:
             show_token=args.show_token,
             environ=environ,
             out=sys.stdout,
+            client=args.client,
         )
     from proxy.onboarding.certinfo import cert_info
 

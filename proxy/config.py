@@ -44,7 +44,12 @@ DEFAULT_ALLOWED_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientConfig:
-    """The partner's OAuth client and the files holding its key and certificate."""
+    """One OAuth client of the partner: its name, id, key files and assertion shape.
+
+    ``[client]`` is the client named "default"; each ``[[clients]]`` entry is another. The
+    assertion settings and ``scopes`` are resolved: a client that does not set them has the
+    ``[oauth]`` values.
+    """
 
     id: str
     pkcs12: Path | None = None
@@ -53,6 +58,13 @@ class ClientConfig:
     password_file: Path | None = None
     password_env: str | None = None
     password: Secret | None = field(default=None, repr=False)
+    name: str = "default"
+    where: str = "client"  # its table, for messages: "client" or "clients[N]"
+    algorithm: Algorithm = "RS256"
+    key_id: str = "none"
+    audience: str | None = None
+    assertion_lifetime_s: int = 300
+    scopes: frozenset[str] = frozenset()  # for its routes that name none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,11 +133,12 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
-    """One forwarded path prefix with its scope set and upstream origin."""
+    """One forwarded path prefix with its scope set, upstream origin and client."""
 
     prefix: str
     scopes: frozenset[str]
     upstream: str
+    client: str = "default"  # the name of the client whose tokens it carries
 
     def matches(self, path: str) -> bool:
         """Return True when ``path`` is the prefix or lies under it on a segment boundary."""
@@ -138,13 +151,28 @@ class Config:
 
     environment: Environment | None
     channel: Channel
-    client: ClientConfig
+    clients: tuple[ClientConfig, ...]  # [client] first (named "default"), then [[clients]]
     oauth: OAuthConfig
     upstream: UpstreamConfig
     listen: ListenConfig
     admin: AdminConfig
     routes: tuple[Route, ...]
     source: Path | None = None
+
+    @property
+    def client(self) -> ClientConfig:
+        """Return the default client (see ``default_client``), else the first one."""
+        return self.clients_by_name.get(default_client(self.clients) or "", self.clients[0])
+
+    @property
+    def clients_by_name(self) -> Mapping[str, ClientConfig]:
+        """Return every client by its name."""
+        return {client.name: client for client in self.clients}
+
+    @property
+    def token_keys(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        """Return each distinct (client name, scope set) the routes need, in route order."""
+        return tuple(dict.fromkeys((route.client, route.scopes) for route in self.routes))
 
     @property
     def scope_sets(self) -> tuple[frozenset[str], ...]:
@@ -193,27 +221,31 @@ def parse_config(
     reader = Table(data, "", base_dir or Path.cwd())
     environment = _environment(reader)
     channel = reader.choice("channel", CHANNELS) or "extranet"
-    client = _client(reader.table("client", required=True), environ)
+    client_table = reader.table("client") if "client" in reader.data else None
     default_token_url, default_rest = (
         ENDPOINTS[(environment, channel)] if environment else (None, None)
     )
     oauth = _oauth(reader.table("oauth"), default_token_url)
+    clients = _clients(reader, client_table, oauth, environ)
     upstream = _upstream(reader.table("upstream"), default_rest)
     listen = _listen(reader.table("listen"))
     admin = _admin(reader.table("admin"))
-    routes = _routes(reader, oauth.scopes, upstream.url)
+    routes = _routes(reader, clients, upstream.url)
     reader.finish()
     if oauth.token_url is None and oauth.discovery_url is None:
         raise ConfigError(
             "oauth.token_url: required when no environment is set "
             "(or set environment = test | acpt | prod)"
         )
+    if upstream.client_certificate and len(clients) > 1:
+        # One upstream connection pool presents one certificate: never another client's.
+        raise ConfigError("upstream.client_certificate: not available with several clients")
     if listen.port == admin.port != 0 and _same_socket(listen.host, admin.host):
         raise ConfigError("admin.port: must differ from listen.port on the same host")
     return Config(
         environment=environment,
         channel=channel,
-        client=client,
+        clients=clients,
         oauth=oauth,
         upstream=upstream,
         listen=listen,
@@ -238,7 +270,7 @@ def _environment(reader: Table) -> Environment | None:
 def _client(t: Table, environ: Mapping[str, str]) -> ClientConfig:
     client_id = t.required_string("id")
     if not client_id.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in client_id):
-        raise ConfigError("client.id: must be a non-empty printable string")
+        raise ConfigError(f"{t.key('id')}: must be a non-empty printable string")
     pkcs12 = t.path("pkcs12")
     private_key = t.path("private_key")
     certificate = t.path("certificate")
@@ -246,28 +278,31 @@ def _client(t: Table, environ: Mapping[str, str]) -> ClientConfig:
     password_env = t.string("password_env")
     t.finish()
     if pkcs12 is not None and (private_key is not None or certificate is not None):
-        raise ConfigError("client.pkcs12: set either pkcs12 or private_key + certificate, not both")
+        raise ConfigError(
+            f"{t.key('pkcs12')}: set either pkcs12 or private_key + certificate, not both"
+        )
     if pkcs12 is None:
         if private_key is None and certificate is None:
             raise ConfigError(
-                "client.pkcs12: required (or set client.private_key and client.certificate)"
+                f"{t.key('pkcs12')}: required (or set {t.key('private_key')} and "
+                f"{t.key('certificate')})"
             )
         if private_key is None:
-            raise ConfigError("client.private_key: required with client.certificate")
+            raise ConfigError(f"{t.key('private_key')}: required with {t.key('certificate')}")
         if certificate is None:
-            raise ConfigError("client.certificate: required with client.private_key")
+            raise ConfigError(f"{t.key('certificate')}: required with {t.key('private_key')}")
     if password_file is not None and password_env is not None:
-        raise ConfigError("client.password_file: set password_file or password_env, not both")
+        raise ConfigError(f"{t.key('password_file')}: set password_file or password_env, not both")
     password: Secret | None = None
     if password_file is not None:
-        password = read_secret_file(password_file, "client.password_file")
+        password = read_secret_file(password_file, t.key("password_file"))
     elif password_env is not None:
         if not _ENV_NAME.fullmatch(password_env):
-            raise ConfigError("client.password_env: must be an environment variable name")
+            raise ConfigError(f"{t.key('password_env')}: must be an environment variable name")
         value = environ.get(password_env)
         if not value:
             raise ConfigError(
-                f"client.password_env: environment variable {password_env} is not set"
+                f"{t.key('password_env')}: environment variable {password_env} is not set"
             )
         password = Secret(value)
     return ClientConfig(
@@ -387,7 +422,7 @@ def _admin(t: Table) -> AdminConfig:
 
 
 def _routes(
-    reader: Table, default_scopes: frozenset[str], default_upstream: str
+    reader: Table, clients: tuple[ClientConfig, ...], default_upstream: str
 ) -> tuple[Route, ...]:
     items = reader.table_list("routes")
     if not items:
@@ -401,14 +436,16 @@ def _routes(
         prefix = prefix.rstrip("/")
         scopes = t.scopes("scopes")
         upstream = t.origin("upstream")
+        client = _route_client(t, clients)
         t.finish()
         if any(r.prefix == prefix for r in routes):
             raise ConfigError(f"{t.where}.prefix: {prefix} is configured twice")
         routes.append(
             Route(
                 prefix=prefix,
-                scopes=default_scopes if scopes is None else scopes,
+                scopes=client.scopes if scopes is None else scopes,
                 upstream=upstream or default_upstream,
+                client=client.name,
             )
         )
     # Longest prefix first, so the most specific route wins.
@@ -425,6 +462,129 @@ def _check_prefix(prefix: str, key: str) -> None:
             raise ConfigError(
                 f"{key}: must be plain path segments (no //, dot segments, %, spaces or ?#)"
             )
+
+
+# --------------------------------------------------------------------------------------------
+# Several clients: [client] is the client named "default", each [[clients]] entry another.
+
+DEFAULT_CLIENT: Final = "default"
+_CLIENT_NAME = re.compile(r"[a-z0-9_-]+")
+
+
+def default_client(clients: tuple[ClientConfig, ...]) -> str | None:
+    """Return the name routes use when they name none: "default", or the only client."""
+    if any(client.name == DEFAULT_CLIENT for client in clients):
+        return DEFAULT_CLIENT
+    return clients[0].name if len(clients) == 1 else None
+
+
+def _clients(
+    reader: Table, table: Table | None, oauth: OAuthConfig, environ: Mapping[str, str]
+) -> tuple[ClientConfig, ...]:
+    """Return [client] (if present) then every [[clients]] entry, names and identities checked."""
+    clients: list[ClientConfig] = []
+    if table is not None:
+        clients.append(_with_oauth(_client(table, environ), oauth))
+    for t in reader.table_list("clients"):
+        client = _named_client(t, oauth, environ)
+        if client.name == DEFAULT_CLIENT and table is not None:
+            raise ConfigError(
+                f'{t.key("name")}: "default" is the [client] table; give this client another '
+                "name, or drop [client]"
+            )
+        twin = next((c for c in clients if c.name == client.name), None)
+        if twin is not None:
+            raise ConfigError(f'{t.key("name")}: a client named "{client.name}" is already set')
+        twin = next((c for c in clients if _same_identity(c, client)), None)
+        if twin is not None:
+            raise ConfigError(
+                f'{t.key("id")}: client "{twin.name}" already has this id with the same key '
+                "files; one client per identity (routes choose scopes themselves)"
+            )
+        clients.append(client)
+    if not clients:
+        raise ConfigError("client: section [client] (or a [[clients]] entry) is required")
+    return tuple(clients)
+
+
+def _named_client(t: Table, oauth: OAuthConfig, environ: Mapping[str, str]) -> ClientConfig:
+    name = t.required_string("name")
+    if not _CLIENT_NAME.fullmatch(name):
+        raise ConfigError(f"{t.key('name')}: must be lower-case letters, digits, _ or - only")
+    audience = t.string("audience")
+    if audience is not None and not audience.strip():
+        raise ConfigError(f"{t.key('audience')}: must not be empty")
+    algorithm = t.choice("algorithm", ALGORITHMS)
+    key_id = t.string("key_id")
+    if key_id is not None and (not key_id or any(ord(c) < 0x20 for c in key_id)):
+        raise ConfigError(
+            f'{t.key("key_id")}: must be none, "x5t#S256", "x5t" or a printable string'
+        )
+    lifetime = t.integer("assertion_lifetime_s", low=10, high=3600)
+    scopes = t.scopes("scopes")
+    client = _with_oauth(_client(t, environ), oauth)  # reads the key files and finishes t
+    return dataclasses.replace(
+        client,
+        name=name,
+        where=t.where,
+        algorithm=algorithm or client.algorithm,
+        key_id=key_id or client.key_id,
+        audience=audience or client.audience,
+        assertion_lifetime_s=lifetime or client.assertion_lifetime_s,
+        scopes=client.scopes if scopes is None else scopes,
+    )
+
+
+def _with_oauth(client: ClientConfig, oauth: OAuthConfig) -> ClientConfig:
+    """Return ``client`` with the [oauth] assertion settings and scopes."""
+    return dataclasses.replace(
+        client,
+        algorithm=oauth.algorithm,
+        key_id=oauth.key_id,
+        audience=oauth.audience,
+        assertion_lifetime_s=oauth.assertion_lifetime_s,
+        scopes=oauth.scopes,
+    )
+
+
+def _same_identity(a: ClientConfig, b: ClientConfig) -> bool:
+    """Return True when two clients have the same id and the same key material files.
+
+    Certificates in different files are compared once the credentials are loaded.
+    """
+    if a.id != b.id:
+        return False
+    files_a = (a.pkcs12,) if a.pkcs12 is not None else (a.private_key, a.certificate)
+    files_b = (b.pkcs12,) if b.pkcs12 is not None else (b.private_key, b.certificate)
+    return any(_same_file(x, y) for x in files_a for y in files_b)
+
+
+def _same_file(a: Path | None, b: Path | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return a == b or a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not our question to answer here
+        return False
+
+
+def _route_client(t: Table, clients: tuple[ClientConfig, ...]) -> ClientConfig:
+    """Return the client a route names, or the default client when it names none."""
+    by_name = {client.name: client for client in clients}
+    name = t.string("client")
+    if name is None:
+        name = default_client(clients)
+        if name is None:
+            raise ConfigError(
+                f"{t.key('client')}: required: there are several clients and none is named "
+                f'"default" (known: {", ".join(by_name)})'
+            )
+    client = by_name.get(name)
+    if client is None:
+        raise ConfigError(
+            f'{t.key("client")}: no client is named "{name}" (known: {", ".join(by_name)})'
+        )
+    return client
 
 
 def _same_socket(a: str, b: str) -> bool:

@@ -40,7 +40,6 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 log = logging.getLogger("ksz_proxy.credentials")
 
 MIN_RSA_BITS: Final = 2048
-_PW_CONFIG_KEYS: Final = "client.password_file / client.password_env"
 _CURVE_NAMES: Final = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _NEEDS: Final = {"RS256": "an RSA key", "PS256": "an RSA key", "ES256": "an EC P-256 key"}
 
@@ -163,13 +162,23 @@ def load_credentials(
 
 
 def load_client(client: ClientConfig) -> Credentials:
-    """Load the keystore, or the PEM key and certificate, the configuration names; no checks."""
+    """Load the keystore, or the PEM key and certificate, the configuration names; no checks.
+
+    Errors name this client's keys: ``client.pkcs12``, or ``clients[N].pkcs12`` for an entry.
+    """
+    where = client.where
     if client.pkcs12 is not None:
-        return load_pkcs12(client.pkcs12, client.password)
+        return load_pkcs12(client.pkcs12, client.password, key=f"{where}.pkcs12")
     if client.private_key is not None and client.certificate is not None:
-        return load_pem(client.private_key, client.certificate, client.password)
+        return load_pem(
+            client.private_key,
+            client.certificate,
+            client.password,
+            key=f"{where}.private_key",
+            cert_key=f"{where}.certificate",
+        )
     raise CredentialError(
-        "client.pkcs12: required (or set client.private_key and client.certificate)"
+        f"{where}.pkcs12: required (or set {where}.private_key and {where}.certificate)"
     )
 
 
@@ -219,12 +228,12 @@ def load_pem(
     The certificate file may hold a chain; the certificate matching the key is the leaf.
     """
     key_data = _read_private(key_path, key)
-    private_key = _check_key(_load_pem_key(key_data, key_path, password), key_path, key)
+    private_key = _check_key(_load_pem_key(key_data, key_path, password, key), key_path, key)
     cert_data = _read(cert_path, cert_key)
     # A combined key + certificate file is as secret as the key file itself.
     if b"PRIVATE KEY-----" in cert_data:
         _check_private(cert_path, cert_key)
-    certificates = _load_certificates(cert_data, cert_path)
+    certificates = _load_certificates(cert_data, cert_path, cert_key)
     picked = _pick_leaf(private_key, certificates)
     if picked is None:
         raise CredentialError(
@@ -262,15 +271,14 @@ def check_validity(creds: Credentials, *, now: datetime | None = None, warn_days
         )
 
 
-def check_algorithm(creds: Credentials, algorithm: str) -> None:
+def check_algorithm(creds: Credentials, algorithm: str, key: str = "oauth.algorithm") -> None:
     """Refuse a JWS algorithm the loaded key cannot sign with."""
     need = _NEEDS.get(algorithm)
     if need is None:
-        raise ConfigError(f"oauth.algorithm: must be one of {', '.join(_NEEDS)}")
+        raise ConfigError(f"{key}: must be one of {', '.join(_NEEDS)}")
     if algorithm not in creds.algorithms:
         raise ConfigError(
-            f"oauth.algorithm: {algorithm} needs {need}; {creds.source} holds an "
-            f"{creds.key_description} key"
+            f"{key}: {algorithm} needs {need}; {creds.source} holds an {creds.key_description} key"
         )
 
 
@@ -322,23 +330,35 @@ def opens_without_password(data: bytes) -> bool:
     return True
 
 
+def _password_keys(key: str) -> str:
+    """Return the password keys of the table ``key`` is in ("client.pkcs12" -> client.*)."""
+    table = key.rpartition(".")[0] or "client"
+    return f"{table}.password_file / {table}.password_env"
+
+
 def _pkcs12_failure(data: bytes, path: Path, key: str, secret: bytes | None) -> str:
     # cryptography says "Invalid password or PKCS12 data" for every case; find out which.
     if secret is None:
+        table = key.rpartition(".")[0] or "client"
         return (
-            f"{key}: {path} is password-protected (or damaged); set client.password_file or "
-            "client.password_env"
+            f"{key}: {path} is password-protected (or damaged); set {table}.password_file or "
+            f"{table}.password_env"
         )
     if not opens_without_password(data):
-        return f"{key}: wrong password for {path} ({_PW_CONFIG_KEYS}), or the keystore is damaged"
+        return (
+            f"{key}: wrong password for {path} ({_password_keys(key)}), or the keystore is damaged"
+        )
     return (
-        f"{key}: {path} is not password-protected but a password is set ({_PW_CONFIG_KEYS}); "
+        f"{key}: {path} is not password-protected but a password is set "
+        f"({_password_keys(key)}); "
         "remove the password setting or protect the keystore"
     )
 
 
-def _load_pem_key(data: bytes, path: Path, password: Secret | None) -> PrivateKeyTypes:
-    where = "client.private_key"
+def _load_pem_key(
+    data: bytes, path: Path, password: Secret | None, where: str = "client.private_key"
+) -> PrivateKeyTypes:
+    table = where.rpartition(".")[0] or "client"
     if b"PRIVATE KEY-----" not in data:
         if b"-----BEGIN" in data:
             raise CredentialError(f"{where}: {path} holds no PEM private key")
@@ -351,17 +371,18 @@ def _load_pem_key(data: bytes, path: Path, password: Secret | None) -> PrivateKe
     except TypeError as exc:
         if secret is None:
             message = (
-                f"{where}: {path} is encrypted; set client.password_file or client.password_env"
+                f"{where}: {path} is encrypted; set {table}.password_file or {table}.password_env"
             )
         else:
             message = (
-                f"{where}: {path} is not encrypted but a password is set ({_PW_CONFIG_KEYS}); "
+                f"{where}: {path} is not encrypted but a password is set "
+                f"({_password_keys(where)}); "
                 "remove the password setting or encrypt the key"
             )
         raise CredentialError(message) from exc
     except ValueError as exc:
         if secret is not None and b"ENCRYPTED" in data:
-            message = f"{where}: wrong password for {path} ({_PW_CONFIG_KEYS})"
+            message = f"{where}: wrong password for {path} ({_password_keys(where)})"
         else:
             message = f"{where}: {path} holds a private key that cannot be read (damaged?)"
         raise CredentialError(message) from exc
@@ -371,8 +392,9 @@ def _load_pem_key(data: bytes, path: Path, password: Secret | None) -> PrivateKe
         ) from exc
 
 
-def _load_certificates(data: bytes, path: Path) -> list[x509.Certificate]:
-    where = "client.certificate"
+def _load_certificates(
+    data: bytes, path: Path, where: str = "client.certificate"
+) -> list[x509.Certificate]:
     try:
         if b"-----BEGIN" in data:
             if b"-----BEGIN CERTIFICATE-----" not in data:
@@ -436,8 +458,13 @@ def _when(moment: datetime) -> str:
 
 
 def load_setup(path: Path, environ: Mapping[str, str]) -> tuple[Config, Credentials]:
-    """Load the configuration and the credentials it names, checked as ``run`` needs them."""
+    """Load the configuration and its default client's credentials, checked as ``run`` needs.
+
+    Every client's: ``proxy.clients.load_keyring``.
+    """
     config = load_config(path, environ)
-    credentials = load_credentials(config.client)
-    check_algorithm(credentials, config.oauth.algorithm)
+    client = config.client
+    credentials = load_credentials(client)
+    key = "oauth.algorithm" if client.where == "client" else f"{client.where}.algorithm"
+    check_algorithm(credentials, client.algorithm, key)
     return config, credentials

@@ -21,7 +21,7 @@ import asyncio
 import io
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,7 +32,7 @@ from yarl import URL
 from proxy._aiohttp import disable_connection_retry
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
-from proxy.errors import RequestRejected, UpstreamError, UpstreamTimeout
+from proxy.errors import InternalError, RequestRejected, UpstreamError, UpstreamTimeout
 from proxy.headers import downstream_response_headers, upstream_request_headers
 from proxy.tls import client_context
 from proxy.tokens import Token, TokenProvider
@@ -112,9 +112,14 @@ class Forwarder:
     """Forward requests for the proxy listener; one instance per application."""
 
     def __init__(
-        self, config: Config, tokens: TokenProvider, session: aiohttp.ClientSession
+        self,
+        config: Config,
+        tokens: TokenProvider | Mapping[str, TokenProvider],
+        session: aiohttp.ClientSession,
     ) -> None:
-        self._tokens = tokens
+        # Each client's provider by name: a route only ever gets its own client's tokens
+        # (SECURITY.md 49). One provider alone serves the only client.
+        self._tokens = {tokens.client.name: tokens} if isinstance(tokens, TokenProvider) else tokens
         self._session = session
         self._max_body = config.listen.max_body_bytes
         self._replay_max = config.upstream.replay_max_bytes
@@ -127,7 +132,8 @@ class Forwarder:
         declared = request.content_length
         if declared is not None and declared > self._max_body:
             raise _too_large()
-        token = await self._tokens.get(route.scopes)
+        tokens = self._tokens[route.client]
+        token = _own(await tokens.get(route.scopes), route)
         body = await self._read_start(request, declared)
         exchange.bytes_in = len(body.buffered)
         url = URL(route.upstream + request.raw_path, encoded=True)
@@ -135,10 +141,10 @@ class Forwarder:
         upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
         if upstream.status == 401:
             # The token was refused: never use it again. Resend once, and only a buffered body.
-            self._tokens.invalidate(token)
+            tokens.invalidate(token)
             if body.replayable:
                 upstream.release()
-                token = await self._tokens.get(route.scopes)
+                token = _own(await tokens.get(route.scopes), route)
                 exchange.retried = True
                 upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
         exchange.upstream_status = upstream.status
@@ -351,3 +357,11 @@ def _too_slow() -> RequestRejected:
     return RequestRejected(
         "The request body did not arrive in time.", status=408, reason="body_timeout"
     )
+
+
+def _own(token: Token, route: Route) -> Token:
+    """Return ``token`` when it is the route's client's; never send another's (SECURITY.md 49)."""
+    if token.client != route.client:
+        # Cannot happen while each route reads its own client's provider; fail closed anyway.
+        raise InternalError("The token is not this route's client's.")
+    return token

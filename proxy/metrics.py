@@ -1,8 +1,9 @@
 """Own the Prometheus metrics: names, labels and bounded label values (names are a contract).
 
 Every label value comes from a closed set -- a configured route prefix or ``unrouted``, a method
-from ``METHODS`` or ``OTHER``, a three-digit status, a reason code, a configured scope set -- so
-no request can create new series, and no path, query string or secret is ever a label.
+from ``METHODS`` or ``OTHER``, a three-digit status, a reason code, a configured scope set, a
+configured client name -- so no request can create new series, and no path, query string or
+secret is ever a label.
 Children are cached per label tuple to keep ``.labels()`` off the hot path.
 """
 
@@ -29,7 +30,13 @@ _LATENCY_BUCKETS: Final = (
 class Metrics:
     """All ksz-proxy metrics in one registry of their own."""
 
-    def __init__(self, routes: Iterable[str], scope_sets: Iterable[frozenset[str]]) -> None:
+    def __init__(
+        self,
+        routes: Iterable[str],
+        token_keys: Iterable[tuple[str, frozenset[str]]],
+        clients: Iterable[str] = ("default",),
+    ) -> None:
+        """``token_keys`` are the (client name, scope set) pairs the routes need."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._routes = frozenset(routes) | {"unrouted"}
@@ -57,20 +64,22 @@ class Metrics:
         )
         self.token_requests = Counter(
             "kszproxy_token_requests",
-            "Token endpoint requests by outcome (success, rejected, error).",
-            ["outcome"],
+            "Token endpoint requests by client and outcome (success, rejected, error).",
+            ["client", "outcome"],
             registry=r,
         )
         self.token_fetch = Histogram(
             "kszproxy_token_fetch_duration_seconds",
-            "Time one token request took.",
+            "Time one token request took, by client.",
+            ["client"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.token_expiry = Gauge(
             "kszproxy_token_expiry_timestamp_seconds",
-            "When the cached token of each configured scope set expires (Unix time; 0 = none).",
-            ["scopes"],
+            "When the cached token of each client and configured scope set expires "
+            "(Unix time; 0 = none).",
+            ["client", "scopes"],
             registry=r,
         )
         self.retries = Counter(
@@ -81,7 +90,8 @@ class Metrics:
         )
         self.certificate_expiry = Gauge(
             "kszproxy_certificate_expiry_timestamp_seconds",
-            "notAfter of the signing certificate (Unix time).",
+            "notAfter of each client's signing certificate (Unix time).",
+            ["client"],
             registry=r,
         )
         self.clock_skew = Gauge(
@@ -93,14 +103,24 @@ class Metrics:
             "kszproxy_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
-        for outcome in TOKEN_OUTCOMES:
-            self.token_requests.labels(outcome=outcome)
-        for scopes in scope_sets:
-            self.token_expiry.labels(scopes=scope_label(scopes)).set(0)
+        self._clients = frozenset(clients)
+        for client in self._clients:
+            for outcome in TOKEN_OUTCOMES:
+                self.token_requests.labels(client=client, outcome=outcome)
+            self.token_fetch.labels(client=client)
+        for client, scopes in token_keys:
+            self.token_expiry.labels(client=client, scopes=scope_label(scopes)).set(0)
         for route in self._routes:
             self.duration.labels(route=route)
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
+
+    def observe_token_fetch(self, client: str, outcome: str, duration_s: float) -> None:
+        """Count one token request of a configured client, and its duration."""
+        if client not in self._clients:
+            raise ValueError("not a configured client")  # a label set stays closed
+        self.token_requests.labels(client=client, outcome=outcome).inc()
+        self.token_fetch.labels(client=client).observe(duration_s)
 
     def route_label(self, prefix: str) -> str:
         """Return ``prefix`` when it is a configured route, else ``unrouted``."""

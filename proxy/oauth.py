@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from proxy.assertion import AssertionSettings, sign_assertion, token_request_form
-from proxy.config import Config
+from proxy.config import ClientConfig, Config
 from proxy.credentials import Credentials
 from proxy.errors import TokenUnavailable
 from proxy.scopes import DEFAULT_TEXT, scope_label
@@ -58,10 +58,11 @@ HINTS: Final[Mapping[str, str]] = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Token:
-    """An access token for one scope set, with its timing on the monotonic clock."""
+    """An access token for one client and scope set, with its timing on the monotonic clock."""
 
     value: str = field(repr=False)
     scopes: frozenset[str]
+    client: str = "default"  # the name of the client it was issued to
     granted_scope: str | None
     expires_in_s: int
     obtained_at: float
@@ -154,9 +155,15 @@ class OAuthClient:
         credentials: Credentials,
         session: aiohttp.ClientSession,
         clocks: tuple[Clock, Clock],
+        *,
+        client: ClientConfig | None = None,
     ) -> None:
-        """Sign with ``credentials``; ``clocks`` are the monotonic and the wall clock."""
+        """Sign as ``client`` (default: the default client) with ``credentials``.
+
+        ``clocks`` are the monotonic and the wall clock.
+        """
         self._config = config
+        self.client = client or config.client
         self._oauth = config.oauth
         self.credentials = credentials
         self._session = session
@@ -206,12 +213,12 @@ class OAuthClient:
 
     async def _request(self, scopes: frozenset[str]) -> Token:
         token_url = await self._resolve_token_url()
-        settings = AssertionSettings.from_config(self._config, token_url)
+        settings = AssertionSettings.for_client(self.client, token_url)
         assertion = sign_assertion(settings, self.credentials, now=self._wall())
         form = token_request_form(
             assertion,
             scopes,
-            client_id=self._config.client.id if self._oauth.send_client_id else None,
+            client_id=self.client.id if self._oauth.send_client_id else None,
         )
         sent_at = self._clock()
         started = time.perf_counter()
@@ -232,6 +239,7 @@ class OAuthClient:
         token = Token(
             value=value,
             scopes=scopes,
+            client=self.client.name,
             granted_scope=scope,
             expires_in_s=expires_in,
             obtained_at=sent_at,
@@ -242,6 +250,7 @@ class OAuthClient:
         log.info(
             "token obtained",
             extra={
+                "client": self.client.name,
                 "scopes": scope_label(scopes, default=DEFAULT_TEXT),
                 "expires_in_s": expires_in,
                 "duration_s": round(time.perf_counter() - started, 4),

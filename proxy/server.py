@@ -25,9 +25,19 @@ from aiohttp import web
 
 from proxy import __version__, forward, oauth
 from proxy._aiohttp import check_c_parser
-from proxy.admin import CONFIG, DRAIN, FORWARDER, METRICS, TOKENS, make_admin_app
+from proxy.admin import (
+    CLIENT_TOKENS,
+    CONFIG,
+    DRAIN,
+    FORWARDER,
+    METRICS,
+    RELOAD_ERRORS,
+    TOKENS,
+    make_admin_app,
+)
+from proxy.clients import Keyring, keyring_for, reload_keyring
 from proxy.config import Config, load_config
-from proxy.credentials import Credentials, check_algorithm, load_credentials
+from proxy.credentials import Credentials
 from proxy.drain import Drain
 from proxy.errors import ConfigError, ProxyError
 from proxy.forward import Forwarder
@@ -46,32 +56,38 @@ LISTEN_BACKLOG: Final = 1024
 # -- resources (admin application's cleanup_ctx) --------------------------------------------------
 
 
-def _token_ctx(
-    credentials: Credentials,
-) -> Callable[[web.Application], AsyncIterator[None]]:
+def _token_ctx(keyring: Keyring) -> Callable[[web.Application], AsyncIterator[None]]:
     async def token_ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
         metrics = app[METRICS]
 
-        def on_fetch(outcome: str, duration_s: float) -> None:
-            metrics.token_requests.labels(outcome=outcome).inc()
-            metrics.token_fetch.observe(duration_s)
+        def on_fetch(client: str) -> Callable[[str, float], None]:
+            return lambda outcome, s: metrics.observe_token_fetch(client, outcome, s)
 
         async with oauth.make_session(config) as session:
-            provider = TokenProvider(config, credentials, session, on_fetch=on_fetch)
-            provider.start()
-            app[TOKENS] = provider
+            # One provider per client: its own assertion, cache, single flight and backoff.
+            providers = {
+                c.name: TokenProvider(
+                    config, keyring[c.name], session, on_fetch=on_fetch(c.name), client=c
+                )
+                for c in config.clients
+            }
+            for provider in providers.values():
+                provider.start()
+            app[CLIENT_TOKENS] = providers
+            app[TOKENS] = providers[config.client.name]
             try:
                 yield
             finally:
-                await provider.close()
+                await asyncio.gather(*(provider.close() for provider in providers.values()))
 
     return token_ctx
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    # upstream.client_certificate needs a single client (config.py): one pool, one identity.
     async with forward.make_session(app[CONFIG], app[TOKENS].credentials) as session:
-        app[FORWARDER] = Forwarder(app[CONFIG], app[TOKENS], session)
+        app[FORWARDER] = Forwarder(app[CONFIG], app[CLIENT_TOKENS], session)
         yield
 
 
@@ -92,8 +108,13 @@ class RunningProxy:
 
     @property
     def tokens(self) -> TokenProvider:
-        """Return the token provider, the one holder of the credentials in use."""
+        """Return the default (first) client's token provider, holder of its credentials."""
         return self.admin_app[TOKENS]
+
+    @property
+    def client_tokens(self) -> dict[str, TokenProvider]:
+        """Return every client's token provider by name, each holding its credentials."""
+        return self.admin_app[CLIENT_TOKENS]
 
     async def close(self) -> None:
         """Turn readiness off, stop accepting, let in-flight requests finish, then close all.
@@ -123,12 +144,14 @@ class RunningProxy:
 
 async def start(
     config: Config,
-    credentials: Credentials,
+    credentials: Credentials | Keyring,
     *,
     drain_s: float = 20.0,
     admin_socket: Path | None = None,
 ) -> RunningProxy:
     """Create the resources and start both listeners; return once they accept connections.
+
+    ``credentials`` are every client's by name (one ``Credentials`` serves the only client).
 
     With ``admin_socket`` (a worker of ``listen.workers`` > 1) the admin application listens on
     that Unix socket instead of ``admin.port``, and the proxy port is bound with SO_REUSEPORT.
@@ -136,7 +159,7 @@ async def start(
     check_c_parser()
     drain = Drain()
     admin_app = make_admin_app(config, drain)
-    admin_app.cleanup_ctx.append(_token_ctx(credentials))
+    admin_app.cleanup_ctx.append(_token_ctx(keyring_for(config, credentials)))
     admin_app.cleanup_ctx.append(_upstream_ctx)
     admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await admin_runner.setup()
@@ -196,35 +219,50 @@ async def start(
 
 
 def reload_credentials(running: RunningProxy, environ: dict[str, str] | None = None) -> bool:
-    """Re-read the keystore, key, certificate and password; on success, fetch fresh tokens.
+    """Re-read every client's keystore, key, certificate and password; fetch fresh tokens.
 
-    Invalid new material changes nothing: the old credentials keep serving and an error is
-    logged. Only the credentials are reloaded; other configuration changes need a restart.
+    Each client on its own: invalid new material changes nothing for that client (its old
+    credentials keep serving, the error is logged and shown in ``/health``), the others still
+    take theirs. Only credentials are reloaded; other configuration changes need a restart.
+    Return True when every client reloaded.
     """
     app = running.admin_app
     old = app[CONFIG]
+    providers = app[CLIENT_TOKENS]
     if old.source is None:
         log.error("credential reload skipped: the configuration was not read from a file")
         return False
     try:
         config = load_config(old.source, environ if environ is not None else dict(os.environ))
-        credentials = load_credentials(config.client)
-        check_algorithm(credentials, old.oauth.algorithm)
     except ProxyError as exc:
         log.error(
             "credential reload failed; keeping the current credentials", extra={"error": exc.detail}
         )
+        app[RELOAD_ERRORS].clear()
+        app[RELOAD_ERRORS].update({client.name: exc.detail for client in old.clients})
         return False
-    app[TOKENS].replace_credentials(credentials)
-    log.info(
-        "credentials reloaded",
-        extra={
-            "subject": credentials.subject,
-            "serial": credentials.serial,
-            "not_after": credentials.not_after.isoformat(),
-        },
-    )
-    return True
+    current = {name: provider.credentials for name, provider in providers.items()}
+    outcome = reload_keyring(old, config, current)
+    for name, error in outcome.failures.items():
+        log.error(
+            "credential reload failed; keeping the current credentials",
+            extra={"client": name, "error": error},
+        )
+    for name in outcome.changed:
+        credentials = outcome.keyring[name]
+        providers[name].replace_credentials(credentials)
+        log.info(
+            "credentials reloaded",
+            extra={
+                "client": name,
+                "subject": credentials.subject,
+                "serial": credentials.serial,
+                "not_after": credentials.not_after.isoformat(),
+            },
+        )
+    app[RELOAD_ERRORS].clear()
+    app[RELOAD_ERRORS].update(outcome.failures)
+    return outcome.ok
 
 
 async def listen(site: web.TCPSite, key: str, host: str, port: int) -> None:
@@ -261,8 +299,12 @@ class WorkerSetup:
     supervisor_pid: int
 
 
-def summary(config: Config, credentials: Credentials, proxy_url: str) -> dict[str, Any]:
-    """Return the fields of the start-up line: what runs, against what, with which certificate."""
+def summary(config: Config, credentials: Credentials | Keyring, proxy_url: str) -> dict[str, Any]:
+    """Return the fields of the start-up line: what runs, against what, with which certificate.
+
+    The client and certificate fields are the default (first) client's; ``clients`` names all.
+    """
+    credentials = keyring_for(config, credentials)[config.client.name]
     return {
         "version": __version__,
         "proxy": proxy_url,
@@ -272,6 +314,7 @@ def summary(config: Config, credentials: Credentials, proxy_url: str) -> dict[st
         "upstream_url": config.upstream.url,
         "routes": " ".join(r.prefix for r in config.routes),
         "client_id": config.client.id,
+        "clients": " ".join(f"{c.name}={c.id}" for c in config.clients),
         "certificate_subject": credentials.subject,
         "certificate_not_after": credentials.not_after.isoformat(),
         "certificate_days_left": credentials.days_left(),
@@ -279,7 +322,7 @@ def summary(config: Config, credentials: Credentials, proxy_url: str) -> dict[st
 
 
 async def serve(
-    config: Config, credentials: Credentials, *, worker: WorkerSetup | None = None
+    config: Config, credentials: Credentials | Keyring, *, worker: WorkerSetup | None = None
 ) -> int:
     """Run the proxy until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads credentials.
 

@@ -1,6 +1,9 @@
 """Own the access tokens: fetch, validate, cache per scope set, refresh ahead, back off.
 
-One ``TokenProvider`` serves every scope set the routes need. For each scope set:
+One ``TokenProvider`` serves one client (``[client]`` or a ``[[clients]]`` entry) and every
+scope set its routes need; each client has its own provider, so every (client, scope set) has
+its own cache entry, single flight, refresh, backoff and 401 recovery, and one client's failures
+never touch another's tokens. For each scope set:
 
 - the token is cached (``cachetools.TLRUCache``, each entry living until its own expiry) and
   handed out while it is usable; callers never wait while a valid token is cached;
@@ -29,7 +32,7 @@ from typing import Any
 import aiohttp
 from cachetools import TLRUCache
 
-from proxy.config import Config
+from proxy.config import ClientConfig, Config
 from proxy.credentials import Credentials
 from proxy.errors import TokenUnavailable
 from proxy.oauth import HINTS, Clock, OAuthClient, Token
@@ -101,8 +104,10 @@ class TokenProvider(OAuthClient):
         rng: Callable[[], float] = random.random,
         tick_s: float = 1.0,
         on_fetch: Callable[[str, float], None] | None = None,
+        client: ClientConfig | None = None,
     ) -> None:
-        super().__init__(config, credentials, session, (clock, wall_clock))
+        """Serve ``client`` (default: the configuration's default client) with ``credentials``."""
+        super().__init__(config, credentials, session, (clock, wall_clock), client=client)
         self._rng = rng
         self._tick_s = tick_s
         # Told the outcome (success, rejected, error) and duration of every token request.
@@ -140,7 +145,10 @@ class TokenProvider(OAuthClient):
             del self._tokens[token.scopes]
             log.info(
                 "token dropped after an upstream 401",
-                extra={"scopes": scope_label(token.scopes, default=DEFAULT_TEXT)},
+                extra={
+                    "client": self.client.name,
+                    "scopes": scope_label(token.scopes, default=DEFAULT_TEXT),
+                },
             )
             return True
         return False
@@ -167,9 +175,15 @@ class TokenProvider(OAuthClient):
             )
         return result
 
+    @property
+    def scope_sets(self) -> tuple[frozenset[str], ...]:
+        """Return the scope sets this client's routes need, in route order."""
+        name = self.client.name
+        return tuple(scopes for client, scopes in self._config.token_keys if client == name)
+
     def start(self, scope_sets: Iterable[frozenset[str]] | None = None) -> None:
-        """Start background refresh for each scope set (default: those the routes use)."""
-        for scopes in scope_sets if scope_sets is not None else self._config.scope_sets:
+        """Start background refresh for each scope set (default: those its routes use)."""
+        for scopes in scope_sets if scope_sets is not None else self.scope_sets:
             entry = self._entry(scopes)
             self._maintainers.append(
                 asyncio.create_task(
@@ -282,6 +296,7 @@ class TokenProvider(OAuthClient):
         log.warning(
             "token request failed",
             extra={
+                "client": self.client.name,
                 "scopes": scope_label(entry.scopes, default=DEFAULT_TEXT),
                 "reason": exc.reason,
                 "oauth_error": exc.oauth_error,

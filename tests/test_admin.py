@@ -152,7 +152,7 @@ async def test_health_up_details_name_expiry_outcome_certificate_and_draining(
     health = json.loads(body)
     assert health["status"] == "UP"
     details = health["details"]
-    assert set(details) == {"tokens", "certificate", "draining"}
+    assert set(details) == {"tokens", "certificate", "clients", "draining"}
     assert set(details["tokens"]) == {"scope:demo:consult", "scope:cbss:api:demo:consult"}
     now = datetime.now(UTC)
     for token in details["tokens"].values():
@@ -330,14 +330,15 @@ async def test_every_metric_with_its_labels_after_real_traffic(
     assert value(after, "kszproxy_upstream_retries_total", route=DEMO) == 1
 
     outcomes = {
-        o: value(after, "kszproxy_token_requests_total", outcome=o)
+        o: value(after, "kszproxy_token_requests_total", client="default", outcome=o)
         for o in ("success", "rejected", "error")
     }
     assert outcomes["error"] == 1
     assert outcomes["rejected"] == 1
     assert outcomes["success"] == server.token_requests - 2
-    assert value(after, "kszproxy_token_fetch_duration_seconds_count") == server.token_requests
-    assert value(after, "kszproxy_token_fetch_duration_seconds_sum") > 0
+    fetches = value(after, "kszproxy_token_fetch_duration_seconds_count", client="default")
+    assert fetches == server.token_requests
+    assert value(after, "kszproxy_token_fetch_duration_seconds_sum", client="default") > 0
 
     issued = {
         "scope:demo:consult": server_expiry(chain, DEMO_SCOPES),
@@ -346,10 +347,15 @@ async def test_every_metric_with_its_labels_after_real_traffic(
     expiry_series = [k for k in after if k[0] == "kszproxy_token_expiry_timestamp_seconds"]
     assert len(expiry_series) == 2
     for scope, expected in issued.items():
-        got = value(after, "kszproxy_token_expiry_timestamp_seconds", scopes=scope)
+        got = value(
+            after, "kszproxy_token_expiry_timestamp_seconds", client="default", scopes=scope
+        )
         assert abs(got - expected) < 5
     not_after = chain.proxy.tokens.credentials.not_after
-    assert value(after, "kszproxy_certificate_expiry_timestamp_seconds") == not_after.timestamp()
+    certificate_expiry = value(
+        after, "kszproxy_certificate_expiry_timestamp_seconds", client="default"
+    )
+    assert certificate_expiry == not_after.timestamp()
     assert abs(value(after, "kszproxy_clock_skew_seconds")) < 5
     assert value(after, "kszproxy_build_info", version=__version__) == 1
     # A registry of its own: no process or Python collectors, nothing but ours.
@@ -370,7 +376,10 @@ async def test_token_expiry_series_exist_before_any_token(
     chain = await make_chain(ready=False)
     parsed = samples(await scrape(chain))
     for scope in ("scope:demo:consult", "scope:cbss:api:demo:consult"):
-        assert value(parsed, "kszproxy_token_expiry_timestamp_seconds", scopes=scope) == 0
+        assert (
+            value(parsed, "kszproxy_token_expiry_timestamp_seconds", client="default", scopes=scope)
+            == 0
+        )
 
 
 # -- bounded label sets ------------------------------------------------------------------------

@@ -80,10 +80,36 @@ KSZ_TABLE: Final = [
 # test_known_keys_match_the_dataclasses and test_every_key_set_explicitly keep it honest.
 KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "": frozenset(
-        {"environment", "channel", "client", "oauth", "upstream", "listen", "admin", "routes"}
+        {
+            "environment",
+            "channel",
+            "client",
+            "clients",
+            "oauth",
+            "upstream",
+            "listen",
+            "admin",
+            "routes",
+        }
     ),
     "client": frozenset(
         {"id", "pkcs12", "private_key", "certificate", "password_file", "password_env"}
+    ),
+    "clients": frozenset(
+        {
+            "name",
+            "id",
+            "pkcs12",
+            "private_key",
+            "certificate",
+            "password_file",
+            "password_env",
+            "algorithm",
+            "key_id",
+            "audience",
+            "assertion_lifetime_s",
+            "scopes",
+        }
     ),
     "oauth": frozenset(
         {
@@ -130,7 +156,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
         }
     ),
     "admin": frozenset({"host", "port"}),
-    "routes": frozenset({"prefix", "scopes", "upstream"}),
+    "routes": frozenset({"prefix", "scopes", "upstream", "client"}),
 }
 
 MINIMAL: Final[Mapping[str, Any]] = {
@@ -347,9 +373,11 @@ def test_every_default(tmp_path: Path) -> None:
     assert config == Config(
         environment="acpt",
         channel="extranet",
-        client=ClientConfig(
-            id="partenaire:federal:service:bus:client:confidential",
-            pkcs12=tmp_path / "acpt.p12",
+        clients=(
+            ClientConfig(
+                id="partenaire:federal:service:bus:client:confidential",
+                pkcs12=tmp_path / "acpt.p12",
+            ),
         ),
         oauth=OAuthConfig(
             token_url=token_url,
@@ -463,6 +491,29 @@ FULL_PEM: Final[Mapping[str, Any]] = {
         "certificate": "client.crt",
         "password_env": "KSZ_KEY_PASSWORD",
     },
+    # Every [[clients]] key; loaded in test_config_clients.py (upstream.client_certificate,
+    # set in FULL, needs a single client).
+    "clients": [
+        {
+            "name": "daas",
+            "id": "other:daas:client:confidential",
+            "pkcs12": "daas.p12",
+            "password_file": "daas-password.txt",
+            "algorithm": "PS256",
+            "key_id": "x5t",
+            "audience": "https://aud.daas.example",
+            "assertion_lifetime_s": 60,
+            "scopes": ["scope:daas:consult"],
+        },
+        {
+            "name": "consult",
+            "id": "other:consult:client:confidential",
+            "private_key": "consult.key",
+            "certificate": "consult.crt",
+            "password_env": "KSZ_CONSULT_KEY_PASSWORD",
+        },
+    ],
+    "routes": [{"prefix": "/REST/daas/v1", "client": "daas"}],
 }
 
 
@@ -478,10 +529,10 @@ def keys_of(data: Mapping[str, Any]) -> dict[str, set[str]]:
 
 
 def test_known_keys_match_the_dataclasses() -> None:
-    derived = {"source", "password", "shared_secret"}  # filled by the loader, not keys
+    derived = {"source", "password", "shared_secret", "where"}  # filled by the loader, not keys
     tables = {
         "": Config,
-        "client": ClientConfig,
+        "clients": ClientConfig,
         "oauth": OAuthConfig,
         "upstream": UpstreamConfig,
         "listen": ListenConfig,
@@ -490,7 +541,11 @@ def test_known_keys_match_the_dataclasses() -> None:
     }
     for name, cls in tables.items():
         fields = {f.name for f in dataclasses.fields(cls)} - derived
+        if cls is Config:
+            fields.add("client")  # [client] is clients[0], named "default"
         assert fields == KNOWN_KEYS[name], name
+    # [client] takes the key files of a client; its assertion settings are [oauth]'s.
+    assert KNOWN_KEYS["client"] < KNOWN_KEYS["clients"]
 
 
 def test_the_full_configs_set_every_known_key() -> None:
@@ -509,11 +564,18 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
     assert config == Config(
         environment="prod",
         channel="internet",
-        client=ClientConfig(
-            id="other:consult:client:confidential",
-            pkcs12=tmp_path / "client.p12",
-            password_file=tmp_path / "password.txt",
-            password=Secret(CANARY),
+        clients=(
+            ClientConfig(
+                id="other:consult:client:confidential",
+                pkcs12=tmp_path / "client.p12",
+                password_file=tmp_path / "password.txt",
+                password=Secret(CANARY),
+                algorithm="ES256",
+                key_id="x5t#S256",
+                audience="https://oauth-v5.example",
+                assertion_lifetime_s=120,
+                scopes=frozenset({"scope:a", "scope:b"}),
+            ),
         ),
         oauth=OAuthConfig(
             token_url="https://token.example/REST/oauth/v5/token",
@@ -770,7 +832,7 @@ ERROR_CASES: list[tuple[dict[str, Any], str]] = [
     ({"routes": {"prefix": "/REST/a"}}, "routes: must be an array of tables"),
     ({"routes": ["/REST/a"]}, "routes: must be an array of tables"),
     # client
-    ({"client": DROP}, "client: section [client] is required"),
+    ({"client": DROP}, "client: section [client] (or a [[clients]] entry) is required"),
     ({"client": {"id": DROP}}, "client.id: required"),
     ({"client": {"id": " "}}, "client.id: must be a non-empty printable string"),
     ({"client": {"id": "a\nb"}}, "client.id: must be a non-empty printable string"),
@@ -1187,7 +1249,12 @@ def test_no_secret_in_file_errors(tmp_path: Path) -> None:
 # The example files in config/
 
 EXAMPLES: Final = ["ksz-proxy.example.toml", "test.toml", "acpt.toml", "prod.toml"]
+# The partner with two purposes (README "Several client-ids").
+TWO_PURPOSES: Final = "two-purposes.toml"
+ALL_EXAMPLES: Final = [*EXAMPLES, TWO_PURPOSES]
 _SECTION: Final = re.compile(r"^\[\[?([A-Za-z_]+)\]\]?\s*$")
+# A whole table shown commented out ("# [[clients]]" and the key lines under it).
+_COMMENTED_SECTION: Final = re.compile(r"^#\s?\[\[?([A-Za-z_]+)\]\]?\s*$")
 _COMMENTED_KEY: Final = re.compile(r"^#\s?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 # In the reference example these commented values illustrate a key rather than show its
 # default (the key has no default, or its default comes from another key).
@@ -1207,21 +1274,56 @@ ILLUSTRATIONS: Final = frozenset(
 
 
 def commented_keys(text: str) -> list[tuple[int, str, str]]:
-    """Return (line index, section, key) for every ``# key = value`` line of an example."""
+    """Return (line index, section, key) for every ``# key = value`` line of an example.
+
+    Keys of a commented-out table are not among them: see ``commented_tables``.
+    """
     found: list[tuple[int, str, str]] = []
     section = ""
     for i, line in enumerate(text.splitlines()):
         if match := _SECTION.match(line):
             section = match.group(1)
+        elif _COMMENTED_SECTION.match(line):
+            section = "#"  # until the next real table header
         elif match := _COMMENTED_KEY.match(line):
             key, value = match.groups()
             # A commented key line must be a valid TOML line once uncommented.
             tomllib.loads(f"{key} = {value}")
-            found.append((i, section, key))
+            if section != "#":
+                found.append((i, section, key))
     return found
 
 
-def load_example(tmp_path: Path, text: str) -> Config:
+def commented_tables(text: str) -> list[tuple[str, list[int], set[str]]]:
+    """Return (section, line indexes, keys) for every commented-out table of an example.
+
+    The lines are its header and its ``# key = value`` lines, up to the first line that is not a
+    comment; uncommenting exactly those gives the table.
+    """
+    found: list[tuple[str, list[int], set[str]]] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if match := _COMMENTED_SECTION.match(line):
+            indexes, keys = [i], set()
+            for j in range(i + 1, len(lines)):
+                if not lines[j].startswith("#"):
+                    break
+                if key := _COMMENTED_KEY.match(lines[j]):
+                    indexes.append(j)
+                    keys.add(key.group(1))
+            found.append((match.group(1), indexes, keys))
+    return found
+
+
+def uncommented(text: str, indexes: list[int]) -> str:
+    """Return ``text`` with the lines at ``indexes`` uncommented."""
+    lines = text.splitlines()
+    for i in indexes:
+        lines[i] = re.sub(r"^#\s?", "", lines[i])
+    return "\n".join(lines) + "\n"
+
+
+def load_example(tmp_path: Path, text: str, environ: Mapping[str, str] | None = None) -> Config:
     """Load an example with its password file replaced by a private one in tmp_path."""
     write(tmp_path / "ksz-key-password", CANARY + "\n")
     text, count = re.subn(
@@ -1231,10 +1333,10 @@ def load_example(tmp_path: Path, text: str) -> Config:
         flags=re.MULTILINE,
     )
     assert count == 1
-    return load_config(write(tmp_path / "ksz-proxy.toml", text, 0o644), {})
+    return load_config(write(tmp_path / "ksz-proxy.toml", text, 0o644), environ or {})
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", ALL_EXAMPLES)
 def test_example_is_valid_toml_with_known_keys_only(name: str) -> None:
     text = (CONFIG_DIR / name).read_text(encoding="utf-8")
     data = tomllib.loads(text)
@@ -1243,6 +1345,48 @@ def test_example_is_valid_toml_with_known_keys_only(name: str) -> None:
         assert keys <= known, (section, keys - known)
     for _, section, key in commented_keys(text):
         assert key in KNOWN_KEYS.get(section, frozenset()), f"{name}: [{section}] {key}"
+    for section, _, keys in commented_tables(text):
+        assert section in KNOWN_KEYS[""], f"{name}: [{section}]"
+        assert keys <= KNOWN_KEYS[section], f"{name}: [{section}] {keys - KNOWN_KEYS[section]}"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_commented_tables_load(tmp_path: Path, name: str) -> None:
+    text = (CONFIG_DIR / name).read_text(encoding="utf-8")
+    baseline = load_example(tmp_path, text)
+    for section, indexes, _ in commented_tables(text):
+        config = load_example(tmp_path, uncommented(text, indexes))
+        assert config != baseline, f"{name}:{indexes[0] + 1}: [{section}]"
+
+
+def test_reference_example_shows_another_client(tmp_path: Path) -> None:
+    text = (CONFIG_DIR / EXAMPLES[0]).read_text(encoding="utf-8")
+    [(section, indexes, _)] = commented_tables(text)
+    assert section == "clients"
+    config = load_example(tmp_path, uncommented(text, indexes))
+    assert [c.name for c in config.clients] == ["default", "daas"]
+    assert config.clients_by_name["daas"].algorithm == "ES256"
+    assert config.client.name == "default"
+    assert {r.client for r in config.routes} == {"default"}
+
+
+def test_two_purposes_example(tmp_path: Path) -> None:
+    text = (CONFIG_DIR / TWO_PURPOSES).read_text(encoding="utf-8")
+    config = load_example(tmp_path, text, {"KSZ_DAAS_KEY_PASSWORD": "daas-" + CANARY})
+    assert config.environment == "acpt"
+    consult, daas = config.clients
+    assert (consult.name, consult.id) == ("default", "other:consult:client:confidential")
+    assert consult.password == Secret(CANARY)
+    assert consult.algorithm == "RS256"
+    assert (daas.name, daas.id) == ("daas", "other:daas:client:confidential")
+    assert daas.password == Secret("daas-" + CANARY)
+    assert daas.algorithm == "ES256"
+    assert daas.pkcs12 is None
+    assert daas.certificate is not None
+    assert {(r.prefix, r.client, r.scopes) for r in config.routes} == {
+        ("/REST/demo/v1", "default", frozenset({"scope:demo:consult"})),
+        ("/REST/daas/v1", "daas", frozenset({"scope:daas:consult"})),
+    }
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -1288,6 +1432,11 @@ def test_reference_example_mentions_every_key() -> None:
     mentioned = keys_of(tomllib.loads(text))
     for _, section, key in commented_keys(text):
         mentioned.setdefault(section, set()).add(key)
+    for section, _, table_keys in commented_tables(text):
+        mentioned[""].add(section)
+        mentioned.setdefault(section, set()).update(table_keys)
+    # A [[clients]] entry's key and password options are those of [client], and say so.
+    mentioned["clients"] |= mentioned["client"]
     for section, keys in KNOWN_KEYS.items():
         assert mentioned.get(section, set()) >= keys, (
             section,

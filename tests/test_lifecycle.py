@@ -326,7 +326,9 @@ async def test_sighup_rotates_to_a_newly_registered_certificate(
         assert datetime.fromisoformat(certificate["notAfter"]) == not_after
         _status, metrics = await get(session, proxy.admin_url + "/metrics")
         expiry = re.search(
-            rb"^kszproxy_certificate_expiry_timestamp_seconds (\S+)$", metrics, re.MULTILINE
+            rb'^kszproxy_certificate_expiry_timestamp_seconds\{client="default"\} (\S+)$',
+            metrics,
+            re.MULTILINE,
         )
         assert expiry is not None
         assert float(expiry.group(1)) == not_after.timestamp()

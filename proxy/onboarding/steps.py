@@ -1,6 +1,7 @@
 """Own steps 5 and 6 of ``ksz-proxy check``: the proof of onboarding KSZ asks for.
 
-5. token: one token per scope set, fetched by the proxy's own ``TokenProvider``; a refusal is
+5. token: one token per client and scope set, fetched by the proxy's own ``TokenProvider``
+   (one per client, as when the proxy runs); a refusal is
    explained by its OAuth error code (``invalid_client``: certificate or client-id not registered
    in this environment; ``invalid_scope``: scope not granted), and the clock skew read from the
    token endpoint's ``Date`` header is reported when it exceeds a few seconds;
@@ -23,7 +24,8 @@ from typing import Any, Final
 import aiohttp
 
 from proxy import oauth, tokens
-from proxy.config import DEFAULT_ALLOWED_HOSTS, Config, Route
+from proxy.clients import Keyring
+from proxy.config import DEFAULT_ALLOWED_HOSTS, ClientConfig, Config, Route
 from proxy.credentials import Credentials
 from proxy.errors import ProxyError, TokenUnavailable
 from proxy.onboarding.probes import ESB, CheckSettings, StepResult, fail, skip
@@ -43,14 +45,18 @@ def token_advice(
     credentials: Credentials,
     scopes: frozenset[str],
     skew_s: float | None,
+    client: ClientConfig | None = None,
 ) -> tuple[str, str]:
-    """Return the likely cause and the fix for a failed token request."""
+    """Return the likely cause and the fix for a failed token request of ``client``."""
+    client = client or config.client
+    # The keys that set what the assertion says: [oauth]'s for [client], its own otherwise.
+    own = "oauth" if client.where == "client" else client.where
     code = exc.oauth_error
     skewed = skew_s is not None and abs(skew_s) > SKEW_WARN_S
     if code == "invalid_client":
         environment = config.environment or "this environment"
         cause = (
-            f"the token endpoint does not accept client-id {config.client.id} with this "
+            f"the token endpoint does not accept client-id {client.id} with this "
             f"certificate in {environment} (invalid_client): not registered, or registered "
             "with another certificate"
         )
@@ -60,16 +66,16 @@ def token_advice(
                 "makes an assertion look expired or not yet valid"
             )
         fix = (
-            f"check client.id, then have KSZ register this certificate (SHA-256 "
+            f"check {client.where}.id, then have KSZ register this certificate (SHA-256 "
             f"{credentials.sha256_hex}) for the client-id: `ksz-proxy cert-info -c CONFIG "
             f"--export-crt FILE` and send FILE to {ESB}; if KSZ confirms the registration, "
-            "check oauth.audience, oauth.key_id and oauth.algorithm"
+            f"check {own}.audience, {own}.key_id and {own}.algorithm"
         )
         return cause, fix
     if code == "invalid_scope":
         return (
             f"scope {scope_label(scopes, default=DEFAULT_TEXT)} is not granted to client-id "
-            f"{config.client.id} (invalid_scope)",
+            f"{client.id} (invalid_scope)",
             f"ask {ESB} to grant it to this client-id, or correct routes[].scopes / oauth.scopes",
         )
     hint = oauth.HINTS.get(code or exc.reason)
@@ -90,16 +96,24 @@ async def check_tokens(
     credentials: Credentials,
     wanted: Sequence[frozenset[str]],
     reachable: bool,
+    *,
+    client: ClientConfig | None = None,
+    label: str = "",
 ) -> tuple[dict[frozenset[str], StepResult], list[StepResult]]:
-    """Fetch one token per scope set; return the result per set and any clock-skew remark."""
+    """Fetch one token per scope set of ``client`` (default: the default client).
+
+    Return the result per set and any clock-skew remark; ``label`` starts each target.
+    """
+    client = client or config.client
     scope_sets = list(dict.fromkeys(wanted))
     if not reachable:
         why = "the token endpoint is not reachable (steps 2-4)"
         return {
-            s: skip(5, "scopes " + scope_label(s, default=DEFAULT_TEXT), why) for s in scope_sets
+            s: skip(5, label + "scopes " + scope_label(s, default=DEFAULT_TEXT), why)
+            for s in scope_sets
         }, []
     async with oauth.make_session(config) as session:
-        provider = tokens.TokenProvider(config, credentials, session)
+        provider = tokens.TokenProvider(config, credentials, session, client=client)
         try:
             outcomes = await asyncio.gather(
                 *(provider.get(s) for s in scope_sets), return_exceptions=True
@@ -109,9 +123,9 @@ async def check_tokens(
     skew = provider.clock_skew_s
     results: dict[frozenset[str], StepResult] = {}
     for scopes, outcome in zip(scope_sets, outcomes, strict=True):
-        target = "scopes " + scope_label(scopes, default=DEFAULT_TEXT)
+        target = label + "scopes " + scope_label(scopes, default=DEFAULT_TEXT)
         if isinstance(outcome, TokenUnavailable):
-            cause, fix = token_advice(outcome, config, credentials, scopes, skew)
+            cause, fix = token_advice(outcome, config, credentials, scopes, skew, client)
             results[scopes] = fail(5, target, outcome.detail, cause, fix)
         elif isinstance(outcome, BaseException):
             raise outcome
@@ -128,7 +142,7 @@ async def check_tokens(
         remarks.append(
             StepResult(
                 number=5,
-                target="clock",
+                target=label + "clock",
                 status="warning",
                 detail=f"this machine's clock is {skew:+.0f} s off the token endpoint's (Date)",
                 cause="the system clock is not synchronised",
@@ -142,11 +156,18 @@ async def check_tokens(
 # -- step 6: health ----------------------------------------------------------------------------
 
 
-def local_config(config: Config) -> Config:
+def local_config(config: Config, keyring: Keyring | None = None) -> Config:
     """Return ``config`` with both listeners on free loopback ports and no shared secret.
 
-    Only the inbound side changes: the path a request takes to KSZ stays the proxy's own.
+    Only the inbound side changes: the path a request takes to KSZ stays the proxy's own. With
+    ``keyring``, clients without credentials there are left out, with their routes.
     """
+    if keyring is not None:
+        config = dataclasses.replace(
+            config,
+            clients=tuple(c for c in config.clients if c.name in keyring),
+            routes=tuple(r for r in config.routes if r.client in keyring),
+        )
     listen = dataclasses.replace(
         config.listen,
         host="127.0.0.1",
@@ -161,26 +182,33 @@ def local_config(config: Config) -> Config:
 
 async def check_health(
     config: Config,
-    credentials: Credentials,
+    keyring: Keyring,
     targets: Sequence[tuple[Route, str]],
     reachable: Mapping[str, bool],
-    token_results: Mapping[frozenset[str], StepResult],
+    token_results: Mapping[tuple[str, frozenset[str]], StepResult],
     settings: CheckSettings,
 ) -> list[StepResult]:
-    """GET each health path through an in-process proxy, unless its host or token failed."""
+    """GET each health path through an in-process proxy, unless its host or token failed.
+
+    ``keyring`` has the credentials of the clients that loaded, ``token_results`` the step 5
+    result per (client, scope set); a client without credentials has its routes skipped and is
+    left out of the in-process proxy.
+    """
     results: dict[int, StepResult] = {}
     runnable: list[int] = []
     for i, (route, path) in enumerate(targets):
         target = "GET " + path
         if not reachable[route.upstream]:
             results[i] = skip(6, target, "the REST API is not reachable (steps 2-4)")
-        elif not token_results[route.scopes].passed:
+        elif route.client not in keyring:
+            results[i] = skip(6, target, "this route's client has no credentials (step 1)")
+        elif not token_results[(route.client, route.scopes)].passed:
             results[i] = skip(6, target, "no token for this route's scopes (step 5)")
         else:
             runnable.append(i)
     if runnable:
         try:
-            running = await start(local_config(config), credentials, drain_s=1.0)
+            running = await start(local_config(config, keyring), keyring, drain_s=1.0)
         except (ProxyError, OSError) as exc:
             detail = exc.detail if isinstance(exc, ProxyError) else (exc.strerror or str(exc))
             for i in runnable:

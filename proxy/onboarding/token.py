@@ -1,4 +1,4 @@
-"""Own ``ksz-proxy token``: fetch one token with the proxy's own client and describe it.
+"""Own ``ksz-proxy token``: fetch one token with one of the proxy's clients and describe it.
 
 A JWT's header and claims are decoded (not verified) for people; the token itself is printed only
 on request. A refusal is explained with the same cause and fix as ``check`` step 5.
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from proxy import oauth, tokens
-from proxy.config import Config
+from proxy.clients import load_checked
+from proxy.config import ClientConfig, Config, default_client, load_config
 from proxy.config_reader import SCOPE_TOKEN
-from proxy.credentials import Credentials, load_setup
+from proxy.credentials import Credentials
 from proxy.errors import ConfigError, TokenUnavailable
 from proxy.onboarding.steps import SKEW_WARN_S, token_advice
 from proxy.scopes import DEFAULT_TEXT, scope_label
@@ -30,26 +31,51 @@ def token(
     show_token: bool,
     environ: Mapping[str, str],
     out: TextIO,
+    client: str | None = None,
 ) -> int:
-    """Fetch one token with the configured client and describe it."""
-    loaded, credentials = load_setup(config, environ)
+    """Fetch one token with a configured client (``client``, else the default) and describe it."""
+    loaded = load_config(config, environ)
+    chosen = token_client(loaded, client)
+    credentials = load_checked(chosen)
     requested = [scope for value in scopes for scope in value.split()]
     for scope in requested:
         if not SCOPE_TOKEN.fullmatch(scope):
             raise ConfigError(f"--scope: {scope!r} is not a valid OAuth scope")
-    wanted = frozenset(requested) if requested else loaded.oauth.scopes
-    return asyncio.run(_token(loaded, credentials, wanted, show_token, out))
+    wanted = frozenset(requested) if requested else chosen.scopes
+    return asyncio.run(_token(loaded, chosen, credentials, wanted, show_token, out))
+
+
+def token_client(config: Config, name: str | None) -> ClientConfig:
+    """Return the client ``--client`` names, else the default one (ConfigError if none)."""
+    known = ", ".join(config.clients_by_name)
+    if name is None:
+        name = default_client(config.clients)
+        if name is None:
+            raise ConfigError(
+                f'--client: required: there are several clients and none is named "default" '
+                f"(known: {known})"
+            )
+    client = config.clients_by_name.get(name)
+    if client is None:
+        raise ConfigError(f'--client: no client is named "{name}" (known: {known})')
+    return client
 
 
 async def _token(
-    config: Config, credentials: Credentials, scopes: frozenset[str], show: bool, out: TextIO
+    config: Config,
+    client: ClientConfig,
+    credentials: Credentials,
+    scopes: frozenset[str],
+    show: bool,
+    out: TextIO,
 ) -> int:
     async with oauth.make_session(config) as session:
-        provider = tokens.TokenProvider(config, credentials, session)
+        provider = tokens.TokenProvider(config, credentials, session, client=client)
         try:
             fetched = await provider.get(scopes)
         except TokenUnavailable as exc:
-            cause, fix = token_advice(exc, config, credentials, scopes, provider.clock_skew_s)
+            skew = provider.clock_skew_s
+            cause, fix = token_advice(exc, config, credentials, scopes, skew, client)
             code = f", {exc.oauth_error}" if exc.oauth_error else ""
             print(
                 f"No token for scopes {scope_label(scopes, default=DEFAULT_TEXT)}: {exc.detail}\n"
@@ -63,6 +89,7 @@ async def _token(
             await provider.close()
     expires = datetime.fromtimestamp(fetched.expires_at_wall, UTC)
     lines = [
+        ("client", f"{client.name} ({client.id})"),
         ("token endpoint", provider.token_url or "-"),
         ("scopes asked", scope_label(scopes, default=DEFAULT_TEXT)),
         ("scope granted", fetched.granted_scope or "(not stated)"),

@@ -5,7 +5,9 @@
 (``private_key_jwt``) verified against the certificate registered for the client id, and every
 refusal is an RFC 6749 section 5.2 error with a fixed description. Tokens are opaque random
 strings; ``introspect`` answers RFC 7662 questions about them, so the fake KSZ REST API can
-check what the proxy sends.
+check what the proxy sends. Several clients can be registered, each with its own certificate
+(RSA or EC); ``client_of`` says which client a token was issued to, even once it is no longer
+active, and ``requests_from`` which token requests a client made.
 
 Tests steer it: ``inject`` queues faults (slow, 5xx, HTML, broken JSON, a dropped connection,
 a redirect, any JSON answer) consumed one per token request; ``requests`` records what every
@@ -199,6 +201,21 @@ class FakeAuthServer:
     def register(self, client: RegisteredClient) -> None:
         """Register ``client`` (replacing any client with the same id)."""
         self.clients[client.client_id] = client
+
+    def unregister(self, client_id: str) -> None:
+        """Forget a client: its assertions are refused with invalid_client from now on."""
+        self.clients.pop(client_id, None)
+
+    def client_of(self, token: str) -> str | None:
+        """Return the id of the client ``token`` was issued to (active or not), else None."""
+        issued = self.issued.get(token)
+        return issued.client_id if issued is not None else None
+
+    def requests_from(self, client_id: str) -> list[TokenRequestRecord]:
+        """Return the recorded token requests whose assertion names ``client_id`` as issuer."""
+        return [
+            r for r in self.requests if r.claims is not None and r.claims.get("iss") == client_id
+        ]
 
     def inject(self, fault: Fault, times: int = 1) -> None:
         """Queue ``fault`` for the next ``times`` token requests, after those already queued."""

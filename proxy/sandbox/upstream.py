@@ -4,8 +4,9 @@
 It authenticates every request the way a Belgif API does (exactly one ``Authorization: Bearer``
 header, the token active per RFC 7662 introspection, the required scope granted) and answers
 with RFC 9457 problems when it refuses. Before answering it records what it received in
-``seen`` -- method, raw target, raw header list, body size and SHA-256 -- so tests can assert
-exactly what the proxy sent. Bodies are hashed while streaming, never kept.
+``seen`` -- method, raw target, raw header list, body size and SHA-256, and which client the
+bearer token belongs to -- so tests can assert exactly what the proxy sent. Bodies are hashed
+while streaming, never kept.
 
 The last path segment picks the behaviour, whatever API prefix the caller uses (one trailing
 slash is ignored)::
@@ -70,6 +71,7 @@ _PROBLEM_TYPES: Final = {
 }
 
 Introspect = Callable[[str], Mapping[str, Any]]
+ClientOf = Callable[[str], str | None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +87,8 @@ class SeenRequest:
     trace_id: str | None
     # False when the caller went away (or broke the framing) before the body ended.
     body_complete: bool = True
+    # The client the (single) bearer token was issued to; None without one or when unknown.
+    client_id: str | None = None
 
     def header_values(self, name: str) -> list[str]:
         """Return every value of header ``name`` (case-insensitive), in received order."""
@@ -136,14 +140,20 @@ class FakeUpstream:
     """A fake KSZ REST API that authenticates, answers by path and records every request."""
 
     def __init__(
-        self, *, introspect: Introspect | None = None, required_scope: str | None = None
+        self,
+        *,
+        introspect: Introspect | None = None,
+        required_scope: str | None = None,
+        client_of: ClientOf | None = None,
     ) -> None:
+        """``client_of`` names a token's client for ``seen`` (default: the introspection's)."""
         # Without introspection nothing says which scopes a token has, so a scope rule
         # could only ever refuse or only ever accept: both would hide a mistake.
         if required_scope is not None and introspect is None:
             raise ValueError("required_scope needs an introspect function")
         self.seen: list[SeenRequest] = []
         self._introspect = introspect
+        self._client_of = client_of
         self._required_scope = required_scope
         self._rejections: dict[str, int] = {}
 
@@ -178,8 +188,12 @@ class FakeUpstream:
         app.on_response_prepare.append(_add_trace_ids)
         return app
 
+    def clients_seen(self) -> list[tuple[str, str | None]]:
+        """Return (path, client id) for every request seen, in order (the query left out)."""
+        return [(seen.target.partition("?")[0], seen.client_id) for seen in self.seen]
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        seen = await _receive(request, self.seen)
+        seen = await _receive(request, self.seen, self._token_client(request))
         if not seen.body_complete:
             # Nobody may be left to read this; if the connection is gone aiohttp drops it.
             return _problem(400, "The request body did not arrive complete.")
@@ -187,6 +201,20 @@ class FakeUpstream:
         if refusal is not None:
             return refusal
         return await _answer(request, seen)
+
+    def _token_client(self, request: web.Request) -> str | None:
+        """Return the client the request's only bearer token belongs to, if that is known."""
+        values = request.headers.getall("Authorization", [])
+        match = _BEARER.fullmatch(values[0]) if len(values) == 1 else None
+        if match is None:
+            return None
+        token = match.group(1)
+        if self._client_of is not None:
+            return self._client_of(token)
+        if self._introspect is None:
+            return None
+        client_id = self._introspect(token).get("client_id")
+        return client_id if isinstance(client_id, str) else None
 
     def _authenticate(self, request: web.Request) -> web.Response | None:
         values = request.headers.getall("Authorization", [])
@@ -238,7 +266,9 @@ class FakeUpstream:
         return None
 
 
-async def _receive(request: web.Request, record: list[SeenRequest]) -> SeenRequest:
+async def _receive(
+    request: web.Request, record: list[SeenRequest], client_id: str | None
+) -> SeenRequest:
     """Read the body as it streams in, then describe the request in ``record``."""
     digest = hashlib.sha256()
     size = 0
@@ -251,14 +281,18 @@ async def _receive(request: web.Request, record: list[SeenRequest]) -> SeenReque
         complete = False
     except asyncio.CancelledError:
         # The caller hung up and aiohttp cancelled us: what did arrive still counts.
-        record.append(_describe(request, size, digest.hexdigest(), complete=False))
+        record.append(
+            _describe(request, size, digest.hexdigest(), complete=False, client_id=client_id)
+        )
         raise
-    seen = _describe(request, size, digest.hexdigest(), complete=complete)
+    seen = _describe(request, size, digest.hexdigest(), complete=complete, client_id=client_id)
     record.append(seen)
     return seen
 
 
-def _describe(request: web.Request, size: int, sha256: str, *, complete: bool) -> SeenRequest:
+def _describe(
+    request: web.Request, size: int, sha256: str, *, complete: bool, client_id: str | None
+) -> SeenRequest:
     return SeenRequest(
         method=request.method,
         target=request.raw_path,
@@ -269,6 +303,7 @@ def _describe(request: web.Request, size: int, sha256: str, *, complete: bool) -
         body_sha256=sha256,
         trace_id=request.headers.get(_TRACE),
         body_complete=complete,
+        client_id=client_id,
     )
 
 
