@@ -26,6 +26,7 @@ RANKS: Final[dict[str, int]] = {
             "config_reader",
             "config",
             "credentials",
+            "clients",  # every client's credentials (proxy/clients.py)
             "tls",
             "assertion",
             "headers",
