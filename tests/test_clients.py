@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Final
 import pytest
 from cryptography.hazmat.primitives import hashes
 
+from proxy.cli import main
 from proxy.clients import keyring_for, load_keyring, reload_keyring
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, CredentialError, ProxyError
@@ -221,3 +223,29 @@ def test_errors_are_proxy_errors_without_secrets(tmp_path: Path, material: Mater
         load_keyring(two_clients(tmp_path))
     assert CANARY not in str(caught.value)
     assert CANARY not in repr(caught.value)
+
+
+def test_run_exits_2_naming_the_key_for_one_identity_twice(
+    tmp_path: Path, material: Material, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_files(tmp_path, material)
+    shutil.copy(tmp_path / "daas.key", tmp_path / "copy.key")
+    shutil.copy(tmp_path / "daas.crt", tmp_path / "copy.crt")
+    path = tmp_path / "ksz-proxy.toml"
+    two_clients(tmp_path)
+    path.write_text(
+        path.read_text()
+        + '\n[[clients]]\nname = "copy"\n'
+        + f'id = "{DAAS_ID}"\nprivate_key = "copy.key"\ncertificate = "copy.crt"\n'
+        + 'algorithm = "ES256"\n'
+    )
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["run", "-c", str(path)]) == 2
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert 'clients[1].id: client "daas" already has this id with the same certificate' in err
+    assert CANARY not in err
