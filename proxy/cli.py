@@ -81,7 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--scope", action="append", default=[], help="scope (repeatable)")
     token.add_argument("--show-token", action="store_true", help="also print the token itself")
 
-    sandbox = commands.add_parser("sandbox", help="run a fake KSZ with the proxy in front of it")
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run a fake KSZ with the proxy in front of it",
+        description="Run a fake KSZ (authorization server and REST API) on loopback with the proxy "
+        "in front of it. The sandbox never uses a forward proxy, even when HTTPS_PROXY is set; "
+        "to reach the real KSZ through your organisation's proxy, configure [egress] "
+        "(docs/configuration.md) and verify with `ksz-proxy check`.",
+    )
     sandbox.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
     sandbox.add_argument("--admin-port", type=int, default=None, help="admin port (default 9090)")
     sandbox.add_argument(

@@ -32,6 +32,7 @@ from yarl import URL
 from proxy._aiohttp import disable_connection_retry
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
+from proxy.egress import EgressRoute, decide, proxy_failure
 from proxy.errors import RequestRejected, UpstreamError, UpstreamTimeout
 from proxy.headers import downstream_response_headers, upstream_request_headers
 from proxy.tls import client_context
@@ -114,11 +115,14 @@ class Forwarder:
     def __init__(
         self, config: Config, tokens: TokenProvider, session: aiohttp.ClientSession
     ) -> None:
+        self._config = config
         self._tokens = tokens
         self._session = session
         self._max_body = config.listen.max_body_bytes
         self._replay_max = config.upstream.replay_max_bytes
         self._body_timeout_s = config.listen.body_read_timeout_s
+        # The egress decision per route, made once: the hot path only looks it up.
+        self._egress = {route.prefix: route_egress(config, route) for route in config.routes}
 
     async def forward(
         self, request: web.BaseRequest, route: Route, trace_id: str, exchange: Exchange
@@ -131,8 +135,11 @@ class Forwarder:
         body = await self._read_start(request, declared)
         exchange.bytes_in = len(body.buffered)
         url = URL(route.upstream + request.raw_path, encoded=True)
+        egress = self._egress.get(route.prefix)
+        if egress is None:  # a route made after start-up (tests); decided once, then kept
+            egress = self._egress[route.prefix] = route_egress(self._config, route)
 
-        upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
+        upstream = await self._send(request, url, token, body, declared, trace_id, exchange, egress)
         if upstream.status == 401:
             # The token was refused: never use it again. Resend once, and only a buffered body.
             self._tokens.invalidate(token)
@@ -140,7 +147,9 @@ class Forwarder:
                 upstream.release()
                 token = await self._tokens.get(route.scopes)
                 exchange.retried = True
-                upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
+                upstream = await self._send(
+                    request, url, token, body, declared, trace_id, exchange, egress
+                )
         exchange.upstream_status = upstream.status
         return await self._relay(request, upstream, exchange)
 
@@ -205,6 +214,7 @@ class Forwarder:
         declared: int | None,
         trace_id: str,
         exchange: Exchange,
+        egress: EgressRoute,
     ) -> aiohttp.ClientResponse:
         data: bytes | io.BytesIO | AsyncIterator[bytes] | None
         if not request.body_exists:
@@ -224,12 +234,17 @@ class Forwarder:
         )
         try:
             return await self._session.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                **egress.request_options(),
             )
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, _BodyAborted) as exc:
             if body.aborted is not None:
                 raise body.aborted from None
-            raise translate(exc) from None
+            raise translate(exc, egress) from None
 
     async def _relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
@@ -320,8 +335,27 @@ async def _counted(body: AsyncIterator[bytes], exchange: Exchange) -> AsyncItera
         yield chunk
 
 
-def translate(exc: BaseException) -> UpstreamError:
+def route_egress(config: Config, route: Route) -> EgressRoute:
+    """Return how ``route``'s upstream is reached (directly or through a forward proxy)."""
+    return decide(config.egress, route.proxy, route.upstream, key=route.proxy_key)
+
+
+def translate(exc: BaseException, egress: EgressRoute | None = None) -> UpstreamError:
     """Translate a transport fault into an ``UpstreamError``; the only such edge upstream."""
+    failure = proxy_failure(egress, exc) if egress is not None else None
+    if failure is not None:
+        # A fixed text: the caller learns which keys to check, not the proxy's address.
+        if failure.reason == "proxy_auth":
+            return UpstreamError(
+                "The forward proxy refused the credentials (HTTP 407): check "
+                "egress.proxy_user and egress.proxy_password_file.",
+                reason="proxy",
+            )
+        if failure.status is not None:
+            return UpstreamError(
+                f"The forward proxy refused the tunnel (HTTP {failure.status}).", reason="proxy"
+            )
+        return UpstreamError("The forward proxy is unreachable.", reason="proxy")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout()
     if isinstance(exc, aiohttp.ClientConnectorDNSError):

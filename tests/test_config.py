@@ -27,6 +27,7 @@ from proxy.config import (
     UpstreamConfig,
     load_config,
 )
+from proxy.egress import EgressPolicy, ProxyServer, basic_authorization, parse_no_proxy
 from proxy.endpoints import DISCOVERY_URLS, ENDPOINTS
 from proxy.errors import ConfigError
 from proxy.secret import Secret
@@ -80,7 +81,17 @@ KSZ_TABLE: Final = [
 # test_known_keys_match_the_dataclasses and test_every_key_set_explicitly keep it honest.
 KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "": frozenset(
-        {"environment", "channel", "client", "oauth", "upstream", "listen", "admin", "routes"}
+        {
+            "environment",
+            "channel",
+            "client",
+            "oauth",
+            "upstream",
+            "listen",
+            "admin",
+            "routes",
+            "egress",
+        }
     ),
     "client": frozenset(
         {"id", "pkcs12", "private_key", "certificate", "password_file", "password_env"}
@@ -95,6 +106,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "assertion_lifetime_s",
             "scopes",
             "ca_file",
+            "proxy",
             "timeout_s",
             "send_client_id",
             "refresh_ratio",
@@ -108,6 +120,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "url",
             "ca_file",
             "client_certificate",
+            "proxy",
             "connect_timeout_s",
             "read_timeout_s",
             "total_timeout_s",
@@ -130,7 +143,17 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
         }
     ),
     "admin": frozenset({"host", "port"}),
-    "routes": frozenset({"prefix", "scopes", "upstream"}),
+    "routes": frozenset({"prefix", "scopes", "upstream", "proxy"}),
+    "egress": frozenset(
+        {
+            "proxy_url",
+            "proxy_user",
+            "proxy_password_file",
+            "proxy_password_env",
+            "no_proxy",
+            "from_environment",
+        }
+    ),
 }
 
 MINIMAL: Final[Mapping[str, Any]] = {
@@ -420,6 +443,7 @@ FULL: Final[Mapping[str, Any]] = {
         "assertion_lifetime_s": 120,
         "scopes": ["scope:a", "scope:b"],
         "ca_file": "oauth-ca.pem",
+        "proxy": "direct",
         "timeout_s": 2.5,
         "send_client_id": True,
         "refresh_ratio": 0.5,
@@ -431,6 +455,7 @@ FULL: Final[Mapping[str, Any]] = {
         "url": "https://rest.example:8443/",
         "ca_file": "upstream-ca.pem",
         "client_certificate": True,
+        "proxy": "egress",
         "connect_timeout_s": 1.5,
         "read_timeout_s": 20,
         "total_timeout_s": 90,
@@ -452,8 +477,20 @@ FULL: Final[Mapping[str, Any]] = {
     "admin": {"host": "::1", "port": 19090},
     "routes": [
         {"prefix": "/REST/b/v1"},
-        {"prefix": "/REST/alpha/v1/", "scopes": ["scope:c"], "upstream": "https://other.example/"},
+        {
+            "prefix": "/REST/alpha/v1/",
+            "scopes": ["scope:c"],
+            "upstream": "https://other.example/",
+            "proxy": "http://other-proxy.example:8080",
+        },
     ],
+    "egress": {
+        "proxy_url": "http://proxy.partner.local:3128",
+        "proxy_user": "svc-ksz",
+        "proxy_password_file": "proxy.password",
+        "no_proxy": ["b2b-acpt.ksz-bcss.fgov.be", ".internal.example"],
+        "from_environment": False,
+    },
 }
 
 FULL_PEM: Final[Mapping[str, Any]] = {
@@ -463,6 +500,7 @@ FULL_PEM: Final[Mapping[str, Any]] = {
         "certificate": "client.crt",
         "password_env": "KSZ_KEY_PASSWORD",
     },
+    "egress": {"proxy_password_env": "KSZ_PROXY_PASSWORD"},
 }
 
 
@@ -478,7 +516,8 @@ def keys_of(data: Mapping[str, Any]) -> dict[str, set[str]]:
 
 
 def test_known_keys_match_the_dataclasses() -> None:
-    derived = {"source", "password", "shared_secret"}  # filled by the loader, not keys
+    # Filled by the loader, not keys ([egress] becomes an EgressPolicy: see test_egress.py).
+    derived = {"source", "password", "shared_secret", "proxy_key"}
     tables = {
         "": Config,
         "client": ClientConfig,
@@ -504,8 +543,16 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
     write(tmp_path / "shared.key", "s3cret-shared\n")
     write(tmp_path / "oauth-ca.pem", "pem", 0o644)
     write(tmp_path / "upstream-ca.pem", "pem", 0o644)
+    write(tmp_path / "proxy.password", "proxy-" + CANARY + "\n")
     path = write(tmp_path / "ksz-proxy.toml", to_toml(FULL), 0o644)
     config = load_config(path, {})
+    authorization = Secret(basic_authorization("svc-ksz", "proxy-" + CANARY))
+    proxy = ProxyServer(
+        host="proxy.partner.local",
+        port=3128,
+        authorization=authorization,
+        source="egress.proxy_url",
+    )
     assert config == Config(
         environment="prod",
         channel="internet",
@@ -524,6 +571,7 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
             assertion_lifetime_s=120,
             scopes=frozenset({"scope:a", "scope:b"}),
             ca_file=tmp_path / "oauth-ca.pem",
+            proxy="direct",
             timeout_s=2.5,
             send_client_id=True,
             refresh_ratio=0.5,
@@ -560,12 +608,27 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
                 prefix="/REST/alpha/v1",
                 scopes=frozenset({"scope:c"}),
                 upstream="https://other.example",
+                proxy=ProxyServer(
+                    host="other-proxy.example",
+                    port=8080,
+                    authorization=authorization,
+                    source="routes[1].proxy",
+                ),
+                proxy_key="routes[1].proxy",
             ),
             Route(
                 prefix="/REST/b/v1",
                 scopes=frozenset({"scope:a", "scope:b"}),
                 upstream="https://rest.example:8443",
             ),
+        ),
+        egress=EgressPolicy(
+            mode="explicit",
+            proxy=proxy,
+            no_proxy=parse_no_proxy(
+                ["b2b-acpt.ksz-bcss.fgov.be", ".internal.example"], "egress.no_proxy"
+            ),
+            authorization=authorization,
         ),
         source=path,
     )
@@ -1202,6 +1265,12 @@ ILLUSTRATIONS: Final = frozenset(
         "upstream.ca_file",
         "listen.shared_secret_file",
         "routes.scopes",
+        "routes.proxy",
+        "egress.proxy_url",
+        "egress.proxy_user",
+        "egress.proxy_password_file",
+        "egress.proxy_password_env",
+        "egress.no_proxy",
     }
 )
 
