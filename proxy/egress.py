@@ -23,8 +23,12 @@ host under it, with or without a leading dot, and ``*`` alone means no proxy at 
 
 Proxy credentials are a ``Secret`` holding the whole ``Proxy-Authorization`` value; a
 description (``describe``) never shows them. The decision for a destination is an ``EgressRoute``
-whose ``proxy`` (``ProxyServer``: host, port, authorization) any HTTP client can use to open the
-tunnel.
+(``decide(config.egress, route.proxy, route.upstream, key=route.proxy_key)`` for a route,
+``oauth.proxy`` for the authorization server) whose ``proxy`` (``ProxyServer``: host, port,
+authorization) any HTTP client can use: connect to ``host:port``, send ``CONNECT
+<destination host>:<port>`` with ``Proxy-Authorization: <authorization.reveal()>`` when set, then
+run TLS to the destination inside the tunnel. aiohttp's client gets the same as
+``request_options()``, and its failures are named by ``proxy_failure``.
 """
 
 from __future__ import annotations
