@@ -136,6 +136,8 @@ async def test_explicit_proxy_with_auth_tunnels_both_destinations_end_to_end(
         # nothing of the proxy's credentials (sent on CONNECT only).
         # One token per configured scope set (the chain has two routes).
         assert [r.outcome for r in authserver.server.requests] == ["issued", "issued"]
+        for record in authserver.server.requests:
+            assert "proxy-authorization" not in {name.lower() for name in record.headers}
         assert chain.upstream.count == 3
         for seen in chain.upstream.seen:
             (bearer,) = seen.header_values("Authorization")
