@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint deploy-check demo sandbox bench clean
+.PHONY: test lint deploy-check test-tools demo sandbox bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ksz-proxy needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -22,7 +22,19 @@ lint: $(STAMP)
 deploy-check: $(STAMP)
 	VENV=$(VENV) bash deploy/check.sh
 
-test: lint deploy-check
+# Programs the tests start themselves: tinyproxy, the real forward proxy of tests/test_egress_proxy.py.
+# Installed with apt-get when missing and we are root -- the binary only (tinyproxy-bin: no service
+# is set up or started); otherwise those tests are skipped, and pytest's summary says so.
+test-tools:
+	@command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends tinyproxy-bin >/dev/null; \
+	else \
+		echo "tinyproxy is missing and this is not root with apt-get: the forward-proxy tests will be skipped"; \
+	fi
+
+test: lint deploy-check test-tools
 	$(BIN)/pytest
 
 demo: $(STAMP)

@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from proxy.config import Config
 from proxy.drain import Drain
+from proxy.egress import describe_destinations
 from proxy.errors import NotReady
 from proxy.forward import Forwarder
 from proxy.health import ClientState, assess_clients
@@ -151,8 +152,10 @@ async def _health(request: web.Request) -> web.Response:
         ],
         draining=app[DRAIN].draining,
     )
+    # How each destination is reached (never with proxy credentials).
+    details = {**verdict.details, "egress": describe_destinations(app[CONFIG])}
     return web.json_response(
-        {"status": verdict.status, "details": verdict.details},
+        {"status": verdict.status, "details": details},
         status=verdict.http_status,
         headers={"Cache-Control": "no-store"},
     )

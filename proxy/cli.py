@@ -85,7 +85,14 @@ def _parser() -> argparse.ArgumentParser:
         "--client", help='fetch for this client (default: "default", or the only client)'
     )
 
-    sandbox = commands.add_parser("sandbox", help="run a fake KSZ with the proxy in front of it")
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run a fake KSZ with the proxy in front of it",
+        description="Run a fake KSZ (authorization server and REST API) on loopback with the proxy "
+        "in front of it. The sandbox never uses a forward proxy, even when HTTPS_PROXY is set; "
+        "to reach the real KSZ through your organisation's proxy, configure [egress] "
+        "(docs/configuration.md) and verify with `ksz-proxy check`.",
+    )
     sandbox.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
     sandbox.add_argument("--admin-port", type=int, default=None, help="admin port (default 9090)")
     sandbox.add_argument(

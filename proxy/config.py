@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from proxy import egress as egress_rules
 from proxy.config_reader import Table, present
+from proxy.egress import EgressPolicy, ProxyChoice, ProxyServer
 from proxy.endpoints import CHANNELS, ENDPOINTS, ENVIRONMENT_ALIASES, Channel, Environment
 from proxy.errors import ConfigError
 
@@ -79,6 +81,7 @@ class OAuthConfig:
     assertion_lifetime_s: int = 300
     scopes: frozenset[str] = frozenset()
     ca_file: Path | None = None
+    proxy: ProxyChoice = "egress"
     timeout_s: float = 10.0
     send_client_id: bool = False
     refresh_ratio: float = 0.8
@@ -94,6 +97,7 @@ class UpstreamConfig:
     url: str
     ca_file: Path | None = None
     client_certificate: bool = False
+    proxy: ProxyChoice = "egress"
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
     total_timeout_s: float = 300.0
@@ -139,6 +143,10 @@ class Route:
     scopes: frozenset[str]
     upstream: str
     client: str = "default"  # the name of the client whose tokens it carries
+    # How to reach the upstream: routes[].proxy when the route has its own upstream, else
+    # upstream.proxy; proxy_key names where it was set.
+    proxy: ProxyChoice = "egress"
+    proxy_key: str = field(default="upstream.proxy", compare=False)
 
     def matches(self, path: str) -> bool:
         """Return True when ``path`` is the prefix or lies under it on a segment boundary."""
@@ -157,6 +165,7 @@ class Config:
     listen: ListenConfig
     admin: AdminConfig
     routes: tuple[Route, ...]
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
     source: Path | None = None
 
     @property
@@ -225,12 +234,13 @@ def parse_config(
     default_token_url, default_rest = (
         ENDPOINTS[(environment, channel)] if environment else (None, None)
     )
-    oauth = _oauth(reader.table("oauth"), default_token_url)
+    egress = _egress(reader.table("egress"), environ)
+    oauth = _oauth(reader.table("oauth"), default_token_url, egress)
     clients = _clients(reader, client_table, oauth, environ)
-    upstream = _upstream(reader.table("upstream"), default_rest)
+    upstream = _upstream(reader.table("upstream"), default_rest, egress)
     listen = _listen(reader.table("listen"))
     admin = _admin(reader.table("admin"))
-    routes = _routes(reader, clients, upstream.url)
+    routes = _routes(reader, clients, upstream, egress)
     reader.finish()
     if oauth.token_url is None and oauth.discovery_url is None:
         raise ConfigError(
@@ -251,6 +261,7 @@ def parse_config(
         listen=listen,
         admin=admin,
         routes=routes,
+        egress=egress,
         source=source,
     )
 
@@ -316,7 +327,7 @@ def _client(t: Table, environ: Mapping[str, str]) -> ClientConfig:
     )
 
 
-def _oauth(t: Table, default_token_url: str | None) -> OAuthConfig:
+def _oauth(t: Table, default_token_url: str | None, egress: EgressPolicy) -> OAuthConfig:
     token_url = t.https_url("token_url")
     discovery_url = t.https_url("discovery_url")
     audience = t.string("audience")
@@ -338,6 +349,7 @@ def _oauth(t: Table, default_token_url: str | None) -> OAuthConfig:
             assertion_lifetime_s=t.integer("assertion_lifetime_s", low=10, high=3600),
             scopes=t.scopes("scopes"),
             ca_file=t.existing_file("ca_file"),
+            proxy=_proxy_choice(t, "proxy", egress),
             timeout_s=t.number("timeout_s", low=0.1, high=300),
             send_client_id=t.boolean("send_client_id"),
             refresh_ratio=t.number("refresh_ratio", low=0.1, high=0.95),
@@ -352,7 +364,7 @@ def _oauth(t: Table, default_token_url: str | None) -> OAuthConfig:
     return oauth
 
 
-def _upstream(t: Table, default_url: str | None) -> UpstreamConfig:
+def _upstream(t: Table, default_url: str | None, egress: EgressPolicy) -> UpstreamConfig:
     url = t.origin("url") or default_url
     if url is None:
         raise ConfigError(
@@ -364,6 +376,7 @@ def _upstream(t: Table, default_url: str | None) -> UpstreamConfig:
         **present(
             ca_file=t.existing_file("ca_file"),
             client_certificate=t.boolean("client_certificate"),
+            proxy=_proxy_choice(t, "proxy", egress),
             connect_timeout_s=t.number("connect_timeout_s", low=0.1, high=300),
             read_timeout_s=t.number("read_timeout_s", low=0.1, high=3600),
             total_timeout_s=t.number("total_timeout_s", low=0.1, high=86400),
@@ -422,7 +435,10 @@ def _admin(t: Table) -> AdminConfig:
 
 
 def _routes(
-    reader: Table, clients: tuple[ClientConfig, ...], default_upstream: str
+    reader: Table,
+    clients: tuple[ClientConfig, ...],
+    upstream: UpstreamConfig,
+    egress: EgressPolicy,
 ) -> tuple[Route, ...]:
     items = reader.table_list("routes")
     if not items:
@@ -435,21 +451,113 @@ def _routes(
         _check_prefix(prefix, f"{t.where}.prefix")
         prefix = prefix.rstrip("/")
         scopes = t.scopes("scopes")
-        upstream = t.origin("upstream")
+        own_upstream = t.origin("upstream")
         client = _route_client(t, clients)
+        proxy = _proxy_choice(t, "proxy", egress)
         t.finish()
         if any(r.prefix == prefix for r in routes):
             raise ConfigError(f"{t.where}.prefix: {prefix} is configured twice")
+        if proxy is not None and own_upstream is None:
+            raise ConfigError(
+                f"{t.where}.proxy: only for a route with its own upstream (this route uses "
+                "upstream.url, so upstream.proxy applies)"
+            )
         routes.append(
             Route(
                 prefix=prefix,
                 scopes=client.scopes if scopes is None else scopes,
-                upstream=upstream or default_upstream,
+                upstream=own_upstream or upstream.url,
                 client=client.name,
+                proxy=upstream.proxy if own_upstream is None else (proxy or "egress"),
+                proxy_key="upstream.proxy" if own_upstream is None else f"{t.where}.proxy",
             )
         )
     # Longest prefix first, so the most specific route wins.
     return tuple(sorted(routes, key=lambda r: len(r.prefix), reverse=True))
+
+
+def _egress(t: Table, environ: Mapping[str, str]) -> EgressPolicy:
+    """Validate ``[egress]``; the rules themselves live in ``proxy.egress``."""
+    proxy_url = t.string("proxy_url")
+    user = t.string("proxy_user")
+    password_file = t.path("proxy_password_file")
+    password_env = t.string("proxy_password_env")
+    no_proxy = t.string_list("no_proxy")
+    use_environment = bool(t.boolean("from_environment"))
+    t.finish()
+    if use_environment and proxy_url is not None:
+        raise ConfigError("egress.proxy_url: set proxy_url or from_environment = true, not both")
+    if use_environment and no_proxy is not None:
+        raise ConfigError(
+            "egress.no_proxy: with from_environment = true the list comes from NO_PROXY"
+        )
+    if not use_environment and proxy_url is None and no_proxy is not None:
+        raise ConfigError("egress.no_proxy: needs egress.proxy_url")
+    if password_file is not None and password_env is not None:
+        raise ConfigError(
+            "egress.proxy_password_file: set proxy_password_file or proxy_password_env, not both"
+        )
+    password: Secret | None = None
+    if password_file is not None:
+        password = read_secret_file(password_file, "egress.proxy_password_file")
+        egress_rules.check_password(password.reveal(), "egress.proxy_password_file")
+    elif password_env is not None:
+        if not _ENV_NAME.fullmatch(password_env):
+            raise ConfigError("egress.proxy_password_env: must be an environment variable name")
+        value = environ.get(password_env)
+        if not value:
+            raise ConfigError(
+                f"egress.proxy_password_env: environment variable {password_env} is not set"
+            )
+        egress_rules.check_password(value, "egress.proxy_password_env")
+        password = Secret(value)
+    if user is not None:
+        egress_rules.check_user(user, "egress.proxy_user")
+        if password is None:
+            raise ConfigError(
+                "egress.proxy_user: needs egress.proxy_password_file or egress.proxy_password_env"
+            )
+    elif password is not None:
+        raise ConfigError("egress.proxy_user: required with a proxy password")
+    authorization = (
+        Secret(egress_rules.basic_authorization(user, password.reveal()))
+        if user is not None and password is not None
+        else None
+    )
+    if use_environment:
+        return egress_rules.policy_from_environment(environ, authorization)
+    proxy = None
+    if proxy_url is not None:
+        address = egress_rules.parse_proxy_url(proxy_url, "egress.proxy_url")
+        proxy = ProxyServer(
+            host=address.host,
+            port=address.port,
+            authorization=authorization,
+            source="egress.proxy_url",
+        )
+    return EgressPolicy(
+        mode="none" if proxy is None else "explicit",
+        proxy=proxy,
+        no_proxy=egress_rules.parse_no_proxy(no_proxy or [], "egress.no_proxy"),
+        authorization=authorization,
+    )
+
+
+def _proxy_choice(t: Table, name: str, egress: EgressPolicy) -> ProxyChoice | None:
+    """Read a destination's ``proxy`` setting; None when absent (the dataclass default)."""
+    value = t.string(name)
+    if value is None:
+        return None
+    choice = egress_rules.parse_choice(value, t.key(name))
+    if isinstance(choice, str):
+        return choice
+    # A proxy named here uses the [egress] credentials, if any: one set per configuration.
+    return ProxyServer(
+        host=choice.host,
+        port=choice.port,
+        authorization=egress.authorization,
+        source=t.key(name),
+    )
 
 
 def _check_prefix(prefix: str, key: str) -> None:

@@ -9,9 +9,11 @@ The tree (``code`` is the reason code answers, logs and metrics carry)::
     ├── TokenUnavailable           no usable token for a scope set    (503)
     │                   code: token_unreachable | token_timeout | token_tls | token_unavailable
     │                         | token_rejected | token_invalid_response
+    │                         | token_proxy_auth (the forward proxy refused its credentials)
+    │                         | token_proxy (the forward proxy is down or refused the tunnel)
     ├── UpstreamError              the KSZ REST endpoint failed       (502)
     │   │                   code: upstream_dns | upstream_connect | upstream_tls
-    │   │                         | upstream_reset | upstream_protocol
+    │   │                         | upstream_reset | upstream_protocol | upstream_proxy
     │   └── UpstreamTimeout        ... or did not answer in time      (504, upstream_timeout)
     ├── RequestRejected            the caller's request is refused    (400, 403, 404, 405, ...)
     ├── NotReady                   not serving now: draining, no token yet, overloaded (503)
@@ -99,8 +101,10 @@ class TokenUnavailable(ProxyError):
 
     ``reason`` is one of ``unreachable``, ``timeout``, ``tls``, ``unavailable`` (the endpoint
     answered 429 or 5xx), ``rejected`` (then ``oauth_error`` carries the RFC 6749 error code, for
-    example ``invalid_client``) or ``invalid_response``. ``hint_s`` is the server's own
-    Retry-After, when it sent one; the provider's backoff honours it.
+    example ``invalid_client``), ``invalid_response``, ``proxy_auth`` (the forward proxy refused
+    its credentials: 407) or ``proxy`` (the forward proxy is unreachable or refused the tunnel).
+    ``hint_s`` is the server's own Retry-After, when it sent one; the provider's backoff honours
+    it.
     """
 
     status = 503
@@ -109,7 +113,16 @@ class TokenUnavailable(ProxyError):
     code_prefix = "token_"
 
     REASONS: ClassVar[frozenset[str]] = frozenset(
-        {"unreachable", "timeout", "tls", "unavailable", "rejected", "invalid_response"}
+        {
+            "unreachable",
+            "timeout",
+            "tls",
+            "unavailable",
+            "rejected",
+            "invalid_response",
+            "proxy_auth",
+            "proxy",
+        }
     )
 
     def __init__(
@@ -152,7 +165,8 @@ class TokenUnavailable(ProxyError):
 class UpstreamError(ProxyError):
     """The KSZ REST endpoint could not be reached or broke the exchange.
 
-    ``reason`` is one of ``dns``, ``connect``, ``tls``, ``reset`` or ``protocol``.
+    ``reason`` is one of ``dns``, ``connect``, ``tls``, ``reset``, ``protocol`` or ``proxy``
+    (the forward proxy is unreachable, refused its credentials or refused the tunnel).
     """
 
     status = 502

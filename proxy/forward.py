@@ -32,6 +32,7 @@ from yarl import URL
 from proxy._aiohttp import disable_connection_retry
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
+from proxy.egress import EgressRoute, decide, proxy_failure
 from proxy.errors import InternalError, RequestRejected, UpstreamError, UpstreamTimeout
 from proxy.headers import downstream_response_headers, upstream_request_headers
 from proxy.tls import client_context
@@ -117,6 +118,7 @@ class Forwarder:
         tokens: TokenProvider | Mapping[str, TokenProvider],
         session: aiohttp.ClientSession,
     ) -> None:
+        self._config = config
         # Each client's provider by name: a route only ever gets its own client's tokens
         # (SECURITY.md 49). One provider alone serves the only client.
         self._tokens = {tokens.client.name: tokens} if isinstance(tokens, TokenProvider) else tokens
@@ -124,6 +126,8 @@ class Forwarder:
         self._max_body = config.listen.max_body_bytes
         self._replay_max = config.upstream.replay_max_bytes
         self._body_timeout_s = config.listen.body_read_timeout_s
+        # The egress decision per route, made once: the hot path only looks it up.
+        self._egress = {route.prefix: route_egress(config, route) for route in config.routes}
 
     async def forward(
         self, request: web.BaseRequest, route: Route, trace_id: str, exchange: Exchange
@@ -137,8 +141,11 @@ class Forwarder:
         body = await self._read_start(request, declared)
         exchange.bytes_in = len(body.buffered)
         url = URL(route.upstream + request.raw_path, encoded=True)
+        egress = self._egress.get(route.prefix)
+        if egress is None:  # a route made after start-up (tests); decided once, then kept
+            egress = self._egress[route.prefix] = route_egress(self._config, route)
 
-        upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
+        upstream = await self._send(request, url, token, body, declared, trace_id, exchange, egress)
         if upstream.status == 401:
             # The token was refused: never use it again. Resend once, and only a buffered body.
             tokens.invalidate(token)
@@ -146,7 +153,9 @@ class Forwarder:
                 upstream.release()
                 token = _own(await tokens.get(route.scopes), route)
                 exchange.retried = True
-                upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
+                upstream = await self._send(
+                    request, url, token, body, declared, trace_id, exchange, egress
+                )
         exchange.upstream_status = upstream.status
         return await self._relay(request, upstream, exchange)
 
@@ -211,6 +220,7 @@ class Forwarder:
         declared: int | None,
         trace_id: str,
         exchange: Exchange,
+        egress: EgressRoute,
     ) -> aiohttp.ClientResponse:
         data: bytes | io.BytesIO | AsyncIterator[bytes] | None
         if not request.body_exists:
@@ -230,12 +240,17 @@ class Forwarder:
         )
         try:
             return await self._session.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                **egress.request_options(),
             )
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, _BodyAborted) as exc:
             if body.aborted is not None:
                 raise body.aborted from None
-            raise translate(exc) from None
+            raise translate(exc, egress) from None
 
     async def _relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
@@ -326,8 +341,27 @@ async def _counted(body: AsyncIterator[bytes], exchange: Exchange) -> AsyncItera
         yield chunk
 
 
-def translate(exc: BaseException) -> UpstreamError:
+def route_egress(config: Config, route: Route) -> EgressRoute:
+    """Return how ``route``'s upstream is reached (directly or through a forward proxy)."""
+    return decide(config.egress, route.proxy, route.upstream, key=route.proxy_key)
+
+
+def translate(exc: BaseException, egress: EgressRoute | None = None) -> UpstreamError:
     """Translate a transport fault into an ``UpstreamError``; the only such edge upstream."""
+    failure = proxy_failure(egress, exc) if egress is not None else None
+    if failure is not None:
+        # A fixed text: the caller learns which keys to check, not the proxy's address.
+        if failure.reason == "proxy_auth":
+            return UpstreamError(
+                "The forward proxy refused the credentials (HTTP 407): check "
+                "egress.proxy_user and egress.proxy_password_file.",
+                reason="proxy",
+            )
+        if failure.status is not None:
+            return UpstreamError(
+                f"The forward proxy refused the tunnel (HTTP {failure.status}).", reason="proxy"
+            )
+        return UpstreamError("The forward proxy is unreachable.", reason="proxy")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout()
     if isinstance(exc, aiohttp.ClientConnectorDNSError):

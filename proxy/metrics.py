@@ -55,7 +55,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "kszproxy_upstream_errors",
-            "Upstream transport failures by reason (dns, connect, tls, reset, timeout, protocol).",
+            "Upstream transport failures by reason (dns, connect, tls, reset, timeout, protocol, "
+            "proxy).",
             ["route", "reason"],
             registry=r,
         )

@@ -26,6 +26,7 @@ import aiohttp
 from proxy.assertion import AssertionSettings, sign_assertion, token_request_form
 from proxy.config import ClientConfig, Config
 from proxy.credentials import Credentials
+from proxy.egress import PROXY_AUTH_HINT, EgressRoute, decide, proxy_failure
 from proxy.errors import TokenUnavailable
 from proxy.scopes import DEFAULT_TEXT, scope_label
 from proxy.tls import client_context
@@ -53,6 +54,9 @@ HINTS: Final[Mapping[str, str]] = {
     "unreachable": "check DNS, the firewall flow to the token endpoint and upstream proxies",
     "timeout": "the token endpoint is slow or a firewall drops packets",
     "tls": "the token endpoint's certificate is not trusted (oauth.ca_file?)",
+    "proxy_auth": PROXY_AUTH_HINT,
+    "proxy": "check the forward proxy (egress.proxy_url or oauth.proxy): is it running, and "
+    "does it allow CONNECT to the token endpoint's host and port?",
 }
 
 
@@ -178,6 +182,11 @@ class OAuthClient:
         """Return the token endpoint URL (configured, built in, or discovered)."""
         return self._token_url
 
+    def egress_route(self, url: str | None = None) -> EgressRoute:
+        """Return how the authorization server at ``url`` (default: token endpoint) is reached."""
+        url = url or self._token_url or self._oauth.discovery_url or ""
+        return decide(self._config.egress, self._oauth.proxy, url, key="oauth.proxy")
+
     async def fetch(self, scopes: frozenset[str]) -> Token:
         """Request a token for ``scopes``; raise ``TokenUnavailable`` on any failure."""
         return await self._request(scopes)
@@ -263,6 +272,7 @@ class OAuthClient:
     ) -> tuple[bytes, int, Mapping[str, str]]:
         """Make one request to the authorization server; translate transport errors here only."""
         timeout = aiohttp.ClientTimeout(total=self._oauth.timeout_s)
+        route = self.egress_route(url)
         try:
             async with self._session.request(
                 method,
@@ -271,12 +281,13 @@ class OAuthClient:
                 allow_redirects=False,
                 timeout=timeout,
                 headers={"Accept": "application/json"},
+                **route.request_options(),
             ) as response:
                 body = await response.content.read(MAX_RESPONSE_BYTES)
                 return body, response.status, response.headers
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             # Never log the client error itself: its repr may carry request details.
-            raise _transport_failure(exc) from None
+            raise _transport_failure(exc, route) from None
 
     def _http_failure(
         self, status: int, body: bytes, headers: Mapping[str, str]
@@ -310,8 +321,11 @@ class OAuthClient:
         self.clock_skew_s = server - self._wall()
 
 
-def _transport_failure(exc: BaseException) -> TokenUnavailable:
+def _transport_failure(exc: BaseException, route: EgressRoute) -> TokenUnavailable:
     """Translate a transport error of the token request (the first matching kind wins)."""
+    failure = proxy_failure(route, exc)
+    if failure is not None:
+        return TokenUnavailable(failure.detail, reason=failure.reason)
     if isinstance(exc, TimeoutError):
         detail, reason = "the token endpoint did not answer in time", "timeout"
     elif isinstance(exc, aiohttp.ClientConnectorCertificateError):

@@ -39,6 +39,7 @@ from proxy.clients import Keyring, keyring_for, reload_keyring
 from proxy.config import Config, load_config
 from proxy.credentials import Credentials
 from proxy.drain import Drain
+from proxy.egress import describe_destinations, ignored_variables
 from proxy.errors import ConfigError, ProxyError
 from proxy.forward import Forwarder
 from proxy.handler import ProxyHandler, make_proxy_server
@@ -313,12 +314,25 @@ def summary(config: Config, credentials: Credentials | Keyring, proxy_url: str) 
         "token_url": config.oauth.token_url or config.oauth.discovery_url,
         "upstream_url": config.upstream.url,
         "routes": " ".join(r.prefix for r in config.routes),
+        # One plain string: log fields are plain values (proxy.logs).
+        "egress": "; ".join(f"{k} -> {v}" for k, v in describe_destinations(config).items()),
         "client_id": config.client.id,
         "clients": " ".join(f"{c.name}={c.id}" for c in config.clients),
         "certificate_subject": credentials.subject,
         "certificate_not_after": credentials.not_after.isoformat(),
         "certificate_days_left": credentials.days_left(),
     }
+
+
+def warn_ignored_proxy_variables(config: Config) -> None:
+    """Say so when proxy variables are set but not used: a classic cause of confusion."""
+    ignored = ignored_variables(os.environ)
+    if ignored and config.egress.mode != "environment":
+        run_log.warning(
+            "proxy environment variables are set and ignored (set egress.from_environment = "
+            "true to use HTTPS_PROXY / NO_PROXY)",
+            extra={"variables": " ".join(ignored)},
+        )
 
 
 async def serve(
@@ -344,6 +358,8 @@ async def serve(
     watching: asyncio.Task[None] | None = None
     # With listen.workers, every line of a worker's own says which worker it is.
     who: dict[str, object] = {} if worker is None else {"worker": worker.index}
+    if worker is None or worker.index == 0:
+        warn_ignored_proxy_variables(config)  # once, not once per worker
     if worker is None:
         fields = summary(config, credentials, running.proxy_url)
         run_log.info("ksz-proxy started", extra={**fields, "admin": running.admin_url})

@@ -27,6 +27,7 @@ from proxy.config import (
     UpstreamConfig,
     load_config,
 )
+from proxy.egress import EgressPolicy, ProxyServer, basic_authorization, parse_no_proxy
 from proxy.endpoints import DISCOVERY_URLS, ENDPOINTS
 from proxy.errors import ConfigError
 from proxy.secret import Secret
@@ -90,6 +91,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "listen",
             "admin",
             "routes",
+            "egress",
         }
     ),
     "client": frozenset(
@@ -121,6 +123,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "assertion_lifetime_s",
             "scopes",
             "ca_file",
+            "proxy",
             "timeout_s",
             "send_client_id",
             "refresh_ratio",
@@ -134,6 +137,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "url",
             "ca_file",
             "client_certificate",
+            "proxy",
             "connect_timeout_s",
             "read_timeout_s",
             "total_timeout_s",
@@ -156,7 +160,17 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
         }
     ),
     "admin": frozenset({"host", "port"}),
-    "routes": frozenset({"prefix", "scopes", "upstream", "client"}),
+    "routes": frozenset({"prefix", "scopes", "upstream", "client", "proxy"}),
+    "egress": frozenset(
+        {
+            "proxy_url",
+            "proxy_user",
+            "proxy_password_file",
+            "proxy_password_env",
+            "no_proxy",
+            "from_environment",
+        }
+    ),
 }
 
 MINIMAL: Final[Mapping[str, Any]] = {
@@ -448,6 +462,7 @@ FULL: Final[Mapping[str, Any]] = {
         "assertion_lifetime_s": 120,
         "scopes": ["scope:a", "scope:b"],
         "ca_file": "oauth-ca.pem",
+        "proxy": "direct",
         "timeout_s": 2.5,
         "send_client_id": True,
         "refresh_ratio": 0.5,
@@ -459,6 +474,7 @@ FULL: Final[Mapping[str, Any]] = {
         "url": "https://rest.example:8443/",
         "ca_file": "upstream-ca.pem",
         "client_certificate": True,
+        "proxy": "egress",
         "connect_timeout_s": 1.5,
         "read_timeout_s": 20,
         "total_timeout_s": 90,
@@ -480,8 +496,20 @@ FULL: Final[Mapping[str, Any]] = {
     "admin": {"host": "::1", "port": 19090},
     "routes": [
         {"prefix": "/REST/b/v1"},
-        {"prefix": "/REST/alpha/v1/", "scopes": ["scope:c"], "upstream": "https://other.example/"},
+        {
+            "prefix": "/REST/alpha/v1/",
+            "scopes": ["scope:c"],
+            "upstream": "https://other.example/",
+            "proxy": "http://other-proxy.example:8080",
+        },
     ],
+    "egress": {
+        "proxy_url": "http://proxy.partner.local:3128",
+        "proxy_user": "svc-ksz",
+        "proxy_password_file": "proxy.password",
+        "no_proxy": ["b2b-acpt.ksz-bcss.fgov.be", ".internal.example"],
+        "from_environment": False,
+    },
 }
 
 FULL_PEM: Final[Mapping[str, Any]] = {
@@ -514,6 +542,7 @@ FULL_PEM: Final[Mapping[str, Any]] = {
         },
     ],
     "routes": [{"prefix": "/REST/daas/v1", "client": "daas"}],
+    "egress": {"proxy_password_env": "KSZ_PROXY_PASSWORD"},
 }
 
 
@@ -529,7 +558,8 @@ def keys_of(data: Mapping[str, Any]) -> dict[str, set[str]]:
 
 
 def test_known_keys_match_the_dataclasses() -> None:
-    derived = {"source", "password", "shared_secret", "where"}  # filled by the loader, not keys
+    # Filled by the loader, not keys ([egress] becomes an EgressPolicy: see test_egress.py).
+    derived = {"source", "password", "shared_secret", "where", "proxy_key"}
     tables = {
         "": Config,
         "clients": ClientConfig,
@@ -559,8 +589,16 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
     write(tmp_path / "shared.key", "s3cret-shared\n")
     write(tmp_path / "oauth-ca.pem", "pem", 0o644)
     write(tmp_path / "upstream-ca.pem", "pem", 0o644)
+    write(tmp_path / "proxy.password", "proxy-" + CANARY + "\n")
     path = write(tmp_path / "ksz-proxy.toml", to_toml(FULL), 0o644)
     config = load_config(path, {})
+    authorization = Secret(basic_authorization("svc-ksz", "proxy-" + CANARY))
+    proxy = ProxyServer(
+        host="proxy.partner.local",
+        port=3128,
+        authorization=authorization,
+        source="egress.proxy_url",
+    )
     assert config == Config(
         environment="prod",
         channel="internet",
@@ -586,6 +624,7 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
             assertion_lifetime_s=120,
             scopes=frozenset({"scope:a", "scope:b"}),
             ca_file=tmp_path / "oauth-ca.pem",
+            proxy="direct",
             timeout_s=2.5,
             send_client_id=True,
             refresh_ratio=0.5,
@@ -622,12 +661,27 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
                 prefix="/REST/alpha/v1",
                 scopes=frozenset({"scope:c"}),
                 upstream="https://other.example",
+                proxy=ProxyServer(
+                    host="other-proxy.example",
+                    port=8080,
+                    authorization=authorization,
+                    source="routes[1].proxy",
+                ),
+                proxy_key="routes[1].proxy",
             ),
             Route(
                 prefix="/REST/b/v1",
                 scopes=frozenset({"scope:a", "scope:b"}),
                 upstream="https://rest.example:8443",
             ),
+        ),
+        egress=EgressPolicy(
+            mode="explicit",
+            proxy=proxy,
+            no_proxy=parse_no_proxy(
+                ["b2b-acpt.ksz-bcss.fgov.be", ".internal.example"], "egress.no_proxy"
+            ),
+            authorization=authorization,
         ),
         source=path,
     )
@@ -1269,6 +1323,12 @@ ILLUSTRATIONS: Final = frozenset(
         "upstream.ca_file",
         "listen.shared_secret_file",
         "routes.scopes",
+        "routes.proxy",
+        "egress.proxy_url",
+        "egress.proxy_user",
+        "egress.proxy_password_file",
+        "egress.proxy_password_env",
+        "egress.no_proxy",
     }
 )
 

@@ -24,6 +24,7 @@ RANKS: Final[dict[str, int]] = {
             "secret",
             "endpoints",
             "config_reader",
+            "egress",
             "config",
             "credentials",
             "clients",  # every client's credentials (proxy/clients.py)

@@ -230,6 +230,10 @@ async def test_startup_summary_and_a_warning_for_a_certificate_expiring_soon(
     assert started["token_url"] == authserver.token_url
     assert started["upstream_url"] == fake_upstream.url
     assert started["routes"] == DEMO
+    assert started["egress"] == (
+        f"oauth {authserver.url} -> direct (no egress proxy); "
+        f"upstream {fake_upstream.url} -> direct (no egress proxy)"
+    )
     assert "partner expiring soon" in started["certificate_subject"]
     not_after = datetime.fromisoformat(started["certificate_not_after"])
     assert not_after == soon.certificate.not_valid_after_utc

@@ -10,13 +10,19 @@ operator or a caller could read: log text, record attributes, formatted lines, /
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import io
 import json
 import logging
+import os
 import re
+import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
 import pytest
@@ -35,6 +41,7 @@ RFC3339_UTC: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:
 REQUIRED_KEYS: Final = {"level", "time", "logger", "message"}
 DEMO_SCOPES: Final = frozenset({"scope:demo:consult"})
 CALLER_CANARY: Final = "caller-canary-credential-4711"
+PROXY_CANARY: Final = "proxy-canary-password-0815"
 
 
 class Leaky:
@@ -500,12 +507,49 @@ async def recover(chain: Chain, answers: list[bytes]) -> None:
             await asyncio.sleep(0.05)
 
 
+@asynccontextmanager
+async def refusing_proxy() -> AsyncIterator[str]:
+    """Run a stand-in forward proxy answering every CONNECT with 407; yield its URL."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                b'Proxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n'
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def proxy_password_file(folder: Path) -> Path:
+    path = folder / "proxy.password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(PROXY_CANARY + "\n")
+    return path
+
+
 @pytest.mark.slow
 async def test_canary_no_secret_in_logs_metrics_health_or_answers(
     make_chain: ChainFactory,
     authserver: AuthServerHandle,
     partner: Issued,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     server = authserver.server
@@ -574,7 +618,35 @@ async def test_canary_no_secret_in_logs_metrics_health_or_answers(
     answers.append(carried)
     assert status == 503
 
-    for running in (chain, untrusted_upstream, untrusted_token_endpoint):
+    # Forward proxy failures with credentials configured: refused (407) and down.
+    egress = {"proxy_user": "svc-ksz", "proxy_password_file": str(proxy_password_file(tmp_path))}
+    async with refusing_proxy() as refusing:
+        proxy_refuses = await make_chain(ready=False, egress={**egress, "proxy_url": refusing})
+        upstream_refused = await make_chain(
+            egress={**egress, "proxy_url": refusing}, oauth={"proxy": "direct"}
+        )
+        for running, expected in ((proxy_refuses, 503), (upstream_refused, 502)):
+            async with asyncio.timeout(5):
+                while True:
+                    status, carried = await read_answer(running, "GET", DEMO + "/x", headers=caller)
+                    answers.append(carried)
+                    if status == expected:
+                        break
+                    await asyncio.sleep(0.05)
+    closed = f"http://127.0.0.1:{_free_port()}"
+    proxy_down = await make_chain(ready=False, egress={**egress, "proxy_url": closed})
+    status, carried = await read_answer(proxy_down, "GET", DEMO + "/x")
+    answers.append(carried)
+    assert status == 503
+
+    for running in (
+        chain,
+        untrusted_upstream,
+        untrusted_token_endpoint,
+        proxy_refuses,
+        upstream_refused,
+        proxy_down,
+    ):
         for path in ("/metrics", "/health", "/readyz", "/livez"):
             async with running.session.get(running.proxy.admin_url + path) as response:
                 answers.append(await response.read() + repr(dict(response.headers)).encode())
@@ -589,6 +661,8 @@ async def test_canary_no_secret_in_logs_metrics_health_or_answers(
         **{f"assertion signature {i}": a.rsplit(".", 1)[1] for i, a in enumerate(assertions)},
         "pkcs12 password": PKCS12_PASSWORD,
         "caller credential": CALLER_CANARY,
+        "proxy password": PROXY_CANARY,
+        "proxy authorization": base64.b64encode(f"svc-ksz:{PROXY_CANARY}".encode()).decode(),
         "private key": key_lines[len(key_lines) // 2],
     }
     assert len(server.issued) >= 5 and len(assertions) >= 10
@@ -610,6 +684,7 @@ async def test_canary_no_secret_in_logs_metrics_health_or_answers(
     # The paths were driven: each kind of failure left its trace in the logs.
     reasons = {getattr(r, "reason", None) for r in caplog.records}
     assert {"unavailable", "invalid_response", "unreachable", "rejected", "tls"} <= reasons
+    assert {"proxy_auth", "proxy"} <= reasons
 
 
 async def test_parser_rejections_never_log_raw_request_bytes(

@@ -9,6 +9,12 @@ every host it needs (the token endpoint, each REST origin), one step building on
    open yet, which the KSZ ESB team opens on a signed form;
 4. TLS: the handshake succeeds with the proxy's own client context (system CAs plus the
    configured CA file, TLS 1.2 or newer, name checked, client certificate when configured).
+
+A destination reached through a forward proxy (``[egress]``, ``oauth.proxy``, ``upstream.proxy``)
+is probed the way the proxy reaches it, and each step says so ("via proxy host:port"): DNS
+resolves the forward proxy's name (the destination's is resolved by the proxy), TCP reaches the
+proxy and asks for the tunnel (``CONNECT``: its status is reported, 407 as refused credentials),
+and TLS runs through the tunnel, verified against the destination as without a proxy.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from cryptography import x509
 
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
+from proxy.egress import PROXY_AUTH_FIX, EgressRoute, ProxyServer, decide
+from proxy.onboarding.tunnel import ProxyProtocolError, TunnelRefused, open_tunnel
 from proxy.tls import client_context
 
 Status = Literal["ok", "warning", "failed", "skipped"]
@@ -84,6 +92,19 @@ class Endpoint:
     ca_file: Path | None
     client_certificate: bool
     extranet: bool
+    # How the proxy reaches it (direct or through a forward proxy); None: direct.
+    route: EgressRoute | None = None
+
+    @property
+    def proxy(self) -> ProxyServer | None:
+        """Return the forward proxy on the way, if any."""
+        return self.route.proxy if self.route is not None else None
+
+    @property
+    def via(self) -> str:
+        """Return "via proxy host:port" for a proxied destination, else an empty string."""
+        proxy = self.proxy
+        return f"via proxy {proxy.address}" if proxy is not None else ""
 
     @property
     def host(self) -> str:
@@ -140,6 +161,7 @@ def endpoints(config: Config, routes: Sequence[Route]) -> list[Endpoint]:
             ca_file=oauth.ca_file,
             client_certificate=False,
             extranet=extranet,
+            route=decide(config.egress, oauth.proxy, token_url, key="oauth.proxy"),
         )
     ]
     for route in routes:
@@ -156,6 +178,7 @@ def endpoints(config: Config, routes: Sequence[Route]) -> list[Endpoint]:
                 ca_file=config.upstream.ca_file,
                 client_certificate=config.upstream.client_certificate,
                 extranet=extranet,
+                route=decide(config.egress, route.proxy, route.upstream, key=route.proxy_key),
             )
         )
     return found
@@ -175,6 +198,8 @@ async def network(
 
 
 async def _dns(e: Endpoint, settings: CheckSettings) -> StepResult:
+    if e.proxy is not None:
+        return await _dns_of_proxy(e, e.proxy, settings)
     target = f"{e.label} {e.host}"
     try:
         ipaddress.ip_address(e.host)
@@ -210,6 +235,8 @@ async def _dns(e: Endpoint, settings: CheckSettings) -> StepResult:
 
 
 async def _tcp(e: Endpoint, settings: CheckSettings) -> StepResult:
+    if e.proxy is not None:
+        return await _connect_through_proxy(e, e.proxy, settings)
     try:
         async with asyncio.timeout(settings.connect_timeout_s):
             _reader, writer = await asyncio.open_connection(e.host, e.port)
@@ -249,6 +276,9 @@ async def _tcp(e: Endpoint, settings: CheckSettings) -> StepResult:
     peer = writer.get_extra_info("peername")
     await close_quietly(writer)
     detail = f"connected to {peer[0]}" if peer else "connected"
+    if e.route is not None and e.route.why != "no egress proxy":
+        # A proxy is configured somewhere: say why this destination is reached without it.
+        detail += f", {e.route.describe()}"
     return StepResult(number=3, target=e.target, status="ok", detail=detail)
 
 
@@ -258,9 +288,15 @@ async def _tls(e: Endpoint, credentials: Credentials, settings: CheckSettings) -
     )
     try:
         async with asyncio.timeout(settings.connect_timeout_s):
-            reader, writer = await asyncio.open_connection(
-                e.host, e.port, ssl=context, server_hostname=e.host
-            )
+            reader, writer = await _open_tls(e, context)
+    except (TunnelRefused, ProxyProtocolError):
+        return fail(
+            4,
+            e.target,
+            f"{e.via}: the tunnel failed this time",
+            "the forward proxy refused a tunnel it granted in step 3",
+            "run the check again; if it persists, look at the proxy's log",
+        )
     except ssl.SSLError as exc:
         return _tls_failure(e, exc)
     except TimeoutError:
@@ -289,6 +325,8 @@ async def _tls(e: Endpoint, credentials: Credentials, settings: CheckSettings) -
     if refused is not None:
         return _tls_refusal(e, refused)
     detail = f"{version}, name and chain verified"
+    if e.proxy is not None:
+        detail = f"{e.via}, end to end through the tunnel: {detail}"
     if der:
         server = x509.load_der_x509_certificate(der)
         detail += (
@@ -299,6 +337,139 @@ async def _tls(e: Endpoint, credentials: Credentials, settings: CheckSettings) -
     if e.client_certificate:
         detail += "; client certificate accepted"
     return StepResult(number=4, target=e.target, status="ok", detail=detail)
+
+
+async def _open_tls(
+    e: Endpoint, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open TLS to the endpoint: directly, or through a CONNECT tunnel of its proxy."""
+    if e.proxy is None:
+        return await asyncio.open_connection(e.host, e.port, ssl=context, server_hostname=e.host)
+    tunnel = await open_tunnel(e.proxy, e.host, e.port)
+    try:
+        await tunnel.writer.start_tls(context, server_hostname=e.host)
+    except BaseException:
+        await close_quietly(tunnel.writer)
+        raise
+    return tunnel.reader, tunnel.writer
+
+
+# -- steps 2 and 3 through a forward proxy ------------------------------------------------------
+
+
+async def _dns_of_proxy(e: Endpoint, proxy: ProxyServer, settings: CheckSettings) -> StepResult:
+    target = f"{e.label} {e.host}"
+    fix = f"check the proxy's host name in {proxy.source} and this server's DNS settings"
+    try:
+        ipaddress.ip_address(proxy.host)
+    except ValueError:
+        pass
+    else:
+        return StepResult(
+            number=2, target=target, status="ok", detail=f"{e.via}: the proxy resolves the name"
+        )
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(settings.connect_timeout_s):
+            infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        return fail(
+            2,
+            target,
+            f"{e.via}: no answer from the DNS resolver for the proxy's name",
+            "the DNS servers of this machine do not answer",
+            fix,
+        )
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "invalid name"
+        return fail(
+            2,
+            target,
+            f"{e.via}: the proxy's name {proxy.host} does not resolve ({reason})",
+            "the forward proxy's name is unknown here",
+            fix,
+        )
+    addresses = ", ".join(dict.fromkeys(str(info[4][0]) for info in infos))
+    return StepResult(
+        number=2,
+        target=target,
+        status="ok",
+        detail=f"{e.via} ({proxy.host} resolves to {addresses}); the proxy resolves {e.host}",
+    )
+
+
+async def _connect_through_proxy(
+    e: Endpoint, proxy: ProxyServer, settings: CheckSettings
+) -> StepResult:
+    connect = f"CONNECT {e.host}:{e.port}"
+    try:
+        async with asyncio.timeout(settings.connect_timeout_s):
+            tunnel = await open_tunnel(proxy, e.host, e.port)
+    except TimeoutError:
+        return fail(
+            3,
+            e.target,
+            f"{e.via}: no answer within {settings.connect_timeout_s:g} s",
+            "the forward proxy does not answer (a firewall between this server and the proxy, "
+            "or the proxy waits on the destination)",
+            f"check {proxy.source} and the way to the proxy with your network team",
+        )
+    except TunnelRefused as exc:
+        return _tunnel_refused(e, proxy, connect, exc)
+    except ProxyProtocolError as exc:
+        return fail(
+            3,
+            e.target,
+            f"{e.via}: {connect} got no proper answer ({exc})",
+            f"{proxy.address} does not behave like an HTTP forward proxy",
+            f"check the port in {proxy.source}",
+        )
+    except OSError as exc:
+        return fail(
+            3,
+            e.target,
+            f"{e.via}: cannot reach the proxy ({exc.strerror or type(exc).__name__})",
+            f"the forward proxy {proxy.address} is down or not reachable from this server",
+            f"check {proxy.source} and that the proxy runs and accepts this server",
+        )
+    await close_quietly(tunnel.writer)
+    return StepResult(
+        number=3,
+        target=e.target,
+        status="ok",
+        detail=f"{e.via}: {connect} answered {tunnel.status} {tunnel.reason}".rstrip(),
+    )
+
+
+def _tunnel_refused(
+    e: Endpoint, proxy: ProxyServer, connect: str, exc: TunnelRefused
+) -> StepResult:
+    detail = f"{e.via}: {connect} answered {exc.status}"
+    if exc.status in (401, 407):
+        # 401: tinyproxy 1.11 answers a wrong password that way (docs/tinyproxy-401-on-connect.md).
+        cause = f"the forward proxy {proxy.address} wants valid credentials (Basic)"
+        if proxy.authorization is None:
+            cause += "; none are configured"
+        return fail(3, e.target, f"{detail}: proxy refused the credentials", cause, PROXY_AUTH_FIX)
+    if exc.status in (502, 503, 504):
+        fix = f"ask your network team to open {e.host} port {e.port} from the proxy"
+        if e.extranet:
+            fix += f" (KSZ extranet flows are opened with the form {FIREWALL_FORM})"
+        return fail(
+            3,
+            e.target,
+            detail,
+            f"the forward proxy could not reach {e.host}:{e.port} (its DNS or its firewall)",
+            fix,
+        )
+    return fail(
+        3,
+        e.target,
+        detail,
+        f"the forward proxy does not allow a tunnel to {e.host}:{e.port}",
+        f"ask your network team to allow CONNECT to {e.host} port {e.port}; if this host is "
+        "reached without the proxy, list it in egress.no_proxy",
+    )
 
 
 async def _refusal_after_handshake(reader: asyncio.StreamReader, wait_s: float) -> str | None:
@@ -338,6 +509,8 @@ def _tls_failure(e: Endpoint, exc: ssl.SSLError) -> StepResult:
                 f"set {e.ca_key} to a PEM file with the CA of the server's certificate chain "
                 "(behind a TLS-inspecting firewall: that firewall's CA)"
             )
+            if e.proxy is not None:
+                cause += f"; the forward proxy {e.proxy.address} may be inspecting TLS"
         return fail(4, e.target, f"certificate verify failed ({message})", cause, fix)
     return _tls_refusal(e, _reason(exc))
 

@@ -79,6 +79,7 @@ async def _token(
             code = f", {exc.oauth_error}" if exc.oauth_error else ""
             print(
                 f"No token for scopes {scope_label(scopes, default=DEFAULT_TEXT)}: {exc.detail}\n"
+                f"  route:  {provider.egress_route().describe()}\n"
                 f"  reason: {exc.reason}{code}\n"
                 f"  cause:  {cause}\n"
                 f"  fix:    {fix}",
@@ -91,6 +92,7 @@ async def _token(
     lines = [
         ("client", f"{client.name} ({client.id})"),
         ("token endpoint", provider.token_url or "-"),
+        ("route", provider.egress_route().describe()),
         ("scopes asked", scope_label(scopes, default=DEFAULT_TEXT)),
         ("scope granted", fetched.granted_scope or "(not stated)"),
         ("token type", "Bearer"),

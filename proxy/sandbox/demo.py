@@ -165,7 +165,12 @@ async def run(*, port: int, admin_port: int, demo: bool, out: TextIO) -> int:
                 f"ksz-proxy sandbox is running (fake KSZ on loopback, throw-away certificates)\n"
                 f"  proxy:   {proxy_url}{API}/...\n"
                 f"  admin:   {admin_url}/health  {admin_url}/readyz  {admin_url}/metrics\n"
-                f"  config:  {sandbox.config_path}",
+                f"  config:  {sandbox.config_path}\n"
+                f"  egress:  direct, never through a forward proxy (the fakes are on loopback; "
+                f"HTTPS_PROXY is ignored).\n"
+                f"           Behind your organisation's proxy to KSZ, add [egress] to your own "
+                f"configuration\n"
+                f'           (docs/configuration.md, "[egress]"), then run `ksz-proxy check`.',
                 file=out,
                 flush=True,
             )
