@@ -304,7 +304,7 @@ async def test_wrong_proxy_password_is_token_proxy_auth(
         states = health["details"]["tokens"].values()
         assert {state["lastError"] for state in states} == {"proxy_auth"}
         _, _, metrics = await get_json(chain, admin + "/metrics")
-        assert 'kszproxy_token_requests_total{outcome="error"}' in metrics
+        assert 'kszproxy_token_requests_total{client="default",outcome="error"}' in metrics
     hints = {getattr(r, "hint", None) for r in caplog.records}
     assert any("egress.proxy_user" in str(h) for h in hints)  # names the keys to check
     assert chain.upstream.count == 0
