@@ -11,6 +11,7 @@ from typing import Final
 
 from aiohttp import web
 
+from proxy._aiohttp import Http11Response
 from proxy.errors import ProxyError, TokenUnavailable
 
 PROBLEM_JSON: Final = "application/problem+json"
@@ -46,7 +47,10 @@ def problem_response(
         headers["Retry-After"] = str(retry_after)
     if extra_headers:
         headers.update(extra_headers)
-    response = web.Response(
+    if close:
+        # Said explicitly: for a request that named no HTTP/1.1, aiohttp would not say it.
+        headers["Connection"] = "close"
+    response = Http11Response(
         status=error.status,
         body=json.dumps(problem_body(error, instance=instance)).encode(),
         content_type=PROBLEM_JSON,
