@@ -20,6 +20,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy import logs
 from proxy._aiohttp import (
     CustomHandlerServer,
+    Http11Response,
     answer_started,
     forget_interim_output,
     requests_queued,
@@ -221,6 +222,7 @@ class ProxyHandler:
             trace_id=trace_id,
             close=unread or error.status in (400, 408, 413),
             extra_headers=extra,
+            response_class=Http11Response,
         )
 
 
@@ -273,7 +275,13 @@ class _ProxyRequestHandler(RequestHandler):
         server = server_of(self)
         if isinstance(server, ProxyServer):
             server.metrics.observe_request("unrouted", "OTHER", status, 0.0)
-        return problem_response(error, instance="-", trace_id=new_trace_id(), close=True)
+        return problem_response(
+            error,
+            instance="-",
+            trace_id=new_trace_id(),
+            close=True,
+            response_class=Http11Response,
+        )
 
 
 def make_proxy_server(

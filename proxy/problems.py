@@ -11,7 +11,6 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy._aiohttp import Http11Response
 from proxy.errors import ProxyError, TokenUnavailable
 
 PROBLEM_JSON: Final = "application/problem+json"
@@ -39,8 +38,13 @@ def problem_response(
     trace_id: str,
     close: bool = False,
     extra_headers: dict[str, str] | None = None,
+    response_class: type[web.Response] = web.Response,
 ) -> web.Response:
-    """Return a complete problem+json response for ``error``."""
+    """Return a complete problem+json response for ``error``.
+
+    The proxy listener passes ``_aiohttp.Http11Response``, whose status line says ``HTTP/1.1``
+    whatever version the refused request named.
+    """
     headers = {"BelGov-Trace-Id": trace_id, "Cache-Control": "no-store"}
     retry_after = error.retry_after_s
     if retry_after is not None:
@@ -50,7 +54,7 @@ def problem_response(
     if close:
         # Said explicitly: for a request that named no HTTP/1.1, aiohttp would not say it.
         headers["Connection"] = "close"
-    response = Http11Response(
+    response = response_class(
         status=error.status,
         body=json.dumps(problem_body(error, instance=instance)).encode(),
         content_type=PROBLEM_JSON,
