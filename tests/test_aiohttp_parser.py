@@ -19,7 +19,7 @@ import pytest
 from aiohttp import http_parser
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import BadHttpMessage
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_parser import HttpRequestParser, HttpResponseParser, RawRequestMessage
 from multidict import CIMultiDict
 
 from proxy.handler import MAX_FIELD_BYTES, MAX_HEADERS, MAX_LINE_BYTES
@@ -87,6 +87,28 @@ def test_trailer_leak_of_the_installed_aiohttp(parser: HttpRequestParser) -> Non
     assert second.headers.get("X-Trailer-Only") == "leaked", (
         f"aiohttp {INSTALLED} no longer carries a trailer into the next request "
         "(docs/aiohttp-trailer-leak.md)"
+    )
+
+
+def test_response_trailer_leak_of_the_installed_aiohttp() -> None:
+    """Show the same bug in aiohttp's response parser, which the upstream client uses.
+
+    A chunked upstream answer's last trailer field becomes a header of the next answer on that
+    pooled connection. Not worked around: the next answer comes from the same upstream, which
+    could send that header itself, so the upstream gains nothing; closing every connection after
+    a chunked answer would cost a TLS handshake per answer (docs/aiohttp-trailer-leak.md).
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpResponseParser(BaseProtocol(loop), loop, 2**16, max_line_size=MAX_LINE_BYTES)
+        messages, _, _ = parser.feed_data(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+            b"X-Trailer-Only: leaked\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
+        )
+    finally:
+        loop.close()
+    assert messages[1][0].headers.get("X-Trailer-Only") == "leaked", (
+        f"aiohttp {INSTALLED} no longer carries a response trailer into the next answer"
     )
 
 
