@@ -96,9 +96,10 @@ class ProxyHandler:
         task = request.task
         drain.enter(task)
         try:
+            # Decided first: a refused chunked request must close its connection too.
+            exchange.close = closes_connection(request.headers)
             route = self._accept(request)
             route_prefix = route.prefix
-            exchange.close = closes_connection(request.headers)
             await self._continue(request)
             body = None
             if request.body_exists:

@@ -59,8 +59,12 @@ async def status_lines(port: int, data: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize(
     "trailer",
-    ["X-Original-URL: /REST/other-api/admin", "Origin: http://evil.example"],
-    ids=["rewrite", "origin"],
+    [
+        "X-Original-URL: /REST/other-api/admin",
+        "Origin: http://evil.example",
+        "X-Trailer-Canary: leaked",
+    ],
+    ids=["rewrite", "origin", "canary"],
 )
 async def test_a_trailer_never_reaches_the_next_request_on_the_connection(
     chain: Chain, trailer: str
@@ -91,13 +95,31 @@ async def test_a_trailer_never_reaches_the_next_request_on_the_connection(
 async def test_a_trailer_never_reaches_a_pipelined_request(chain: Chain) -> None:
     data = (
         chunked_head(chain.port)
-        + b"3\r\nabc\r\n0\r\nX-Original-URL: /REST/other-api/admin\r\n\r\n"
+        + b"3\r\nabc\r\n0\r\nX-Trailer-Canary: leaked\r\n\r\n"
         + build("GET", DEMO + "/victim", chain.port)
     )
     result = await exchange(chain.port, data)
     assert result.statuses[0] == 200
     assert result.closed
-    assert "x-original-url" not in all_header_names(chain.upstream)
+    assert "x-trailer-canary" not in all_header_names(chain.upstream)
+    assert [seen.target for seen in chain.upstream.seen] == [DEMO + "/first"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/REST/unrouted/x", DEMO + "/%2e%2e/x"], ids=["no_route", "bad_path"]
+)
+async def test_a_refused_chunked_request_closes_its_connection_too(chain: Chain, path: str) -> None:
+    # An empty body is read to its end by the parser at once: only the close stops the trailer.
+    data = (
+        chunked_head(chain.port, path)
+        + b"0\r\nX-Trailer-Canary: leaked\r\n\r\n"
+        + build("GET", DEMO + "/victim", chain.port)
+    )
+    result = await exchange(chain.port, data)
+    assert result.statuses == [404 if "unrouted" in path else 400]
+    assert result.responses[0].headers["Connection"] == "close"
+    assert result.closed
+    assert chain.upstream.count == 0
 
 
 async def test_a_chunked_request_without_trailers_closes_its_connection_too(chain: Chain) -> None:
