@@ -7,10 +7,14 @@ Nothing else in ksz-proxy may reach into aiohttp's private attributes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import aiohttp
 from aiohttp import http_parser, web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import ParserError
@@ -72,3 +76,39 @@ class CustomHandlerServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return self.connection_class(self, loop=self._loop, **self._kwargs)
+
+
+def requests_queued_since(
+    handler: RequestHandler, count: int
+) -> Iterator[tuple[RawRequestMessage, StreamReader]]:
+    """Yield the requests (head, body stream) a connection queued after its first ``count``."""
+    # Why: the chunk framing guard (framing.py) needs the requests one read from the socket
+    # completed, with their body streams, to tell head, body data and framing bytes apart;
+    # RequestHandler.data_received appends them to the private ``_messages`` deque, and
+    # only the handler's own task removes them, never during data_received.
+    for message, payload in islice(handler._messages, count, None):
+        if isinstance(message, RawRequestMessage) and isinstance(payload, StreamReader):
+            yield message, payload
+
+
+def requests_queued(handler: RequestHandler) -> int:
+    """Return how many parsed requests a connection holds that its handler has not taken yet."""
+    # Why: see requests_queued_since.
+    return len(handler._messages)
+
+
+class Http11Response(web.Response):
+    """A response whose status line says ``HTTP/1.1`` whatever version the request named."""
+
+    # Why: aiohttp copies the request's version into the status line, so a refused HTTP/1.0
+    # request got "HTTP/1.0 400" and a version-less one "HTTP/0.9 400" with headers; RFC 9110
+    # section 6.2 wants the server's own version. StreamResponse._write_headers is the private
+    # status-line step; _payload_writer and _send_headers_immediately are what it reads.
+
+    async def _write_headers(self) -> None:
+        writer = self._payload_writer
+        if writer is None:
+            raise RuntimeError("the response is not prepared")
+        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)
+        if self._send_headers_immediately:
+            writer.send_headers()

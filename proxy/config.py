@@ -117,6 +117,8 @@ class ListenConfig:
     keepalive_timeout_s: float = 15.0
     drain_timeout_s: float = 20.0
     max_in_flight: int = 256
+    # Requests still receiving their body are counted apart from those in flight upstream.
+    max_receiving: int = 1024
     workers: int = 1
     shared_secret_file: Path | None = None
     shared_secret: Secret | None = field(default=None, repr=False)
@@ -411,6 +413,7 @@ def _listen(t: Table) -> ListenConfig:
             keepalive_timeout_s=t.number("keepalive_timeout_s", low=0.1, high=3600),
             drain_timeout_s=t.number("drain_timeout_s", low=0, high=3600),
             max_in_flight=t.integer("max_in_flight", low=1, high=100000),
+            max_receiving=t.integer("max_receiving", low=1, high=100000),
             workers=t.integer("workers", low=1, high=64),
         )
     )

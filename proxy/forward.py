@@ -8,8 +8,16 @@ The rules (the inbound policy in ``inbound.py`` has already accepted the request
   chunked otherwise; bodies up to ``upstream.replay_max_bytes`` are buffered so that an upstream
   401 can be answered by one fresh token and one resend; larger bodies stream through with
   backpressure, bounded by ``listen.max_body_bytes`` (413) and ``listen.body_read_timeout_s`` (408);
+- ``receive`` reads that buffered start (all of a small body, the first ``replay_max_bytes`` of a
+  large one) before ``forward`` fetches a token or opens an upstream connection, so a caller still
+  sending its body holds no upstream slot (the handler counts the two phases apart);
 - the answer streams back; one of known length up to ``CHUNK`` is read whole first and sent in
-  one write together with its headers;
+  one write together with its headers; a HEAD answer keeps the upstream ``Content-Length``;
+- an upstream ``101`` or other 1xx as the final answer (nobody asked for an upgrade: the inbound
+  policy refuses them) is a 502 ``protocol`` fault, and that connection is closed, never reused;
+- a header of the answer carrying the token the request went with is removed and counted;
+- an upstream that answers before it has the whole body gets its answer relayed; the rest of the
+  body is not sent and that connection is closed, never reused;
 - redirects are never followed and nothing is decompressed, in either direction;
 - transport faults become ``UpstreamError`` with a stable reason (dns, connect, tls, reset,
   protocol) or ``UpstreamTimeout``; a request is never retried after a transport fault.
@@ -34,7 +42,7 @@ from proxy.config import Config, Route
 from proxy.credentials import Credentials
 from proxy.egress import EgressRoute, decide, proxy_failure
 from proxy.errors import InternalError, RequestRejected, UpstreamError, UpstreamTimeout
-from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.headers import downstream_response_headers, remove_token, upstream_request_headers
 from proxy.tls import client_context
 from proxy.tokens import Token, TokenProvider
 
@@ -60,6 +68,10 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     retried: bool = False
+    # Answer headers removed because they carried the token.
+    token_reflected: int = 0
+    # The caller's connection closes after the answer (framing.closes_connection).
+    close: bool = False
 
 
 def make_session(config: Config, credentials: Credentials) -> aiohttp.ClientSession:
@@ -103,6 +115,8 @@ class _Body:
     # Set when the streamed rest broke a limit; aiohttp wraps the generator's exception, so the
     # answer to give is kept here rather than read back from the wrapper.
     aborted: RequestRejected | None = None
+    # Set once the streamed rest was handed over whole to the upstream connection.
+    sent_whole: bool = False
 
     @property
     def replayable(self) -> bool:
@@ -129,16 +143,27 @@ class Forwarder:
         # The egress decision per route, made once: the hot path only looks it up.
         self._egress = {route.prefix: route_egress(config, route) for route in config.routes}
 
-    async def forward(
-        self, request: web.BaseRequest, route: Route, trace_id: str, exchange: Exchange
-    ) -> web.StreamResponse:
-        """Send ``request`` to the route's upstream and stream the answer back."""
+    async def receive(self, request: web.BaseRequest) -> _Body:
+        """Read the start of the caller's body: all of it when it is replayable."""
         declared = request.content_length
         if declared is not None and declared > self._max_body:
             raise _too_large()
+        return await self._read_start(request, declared)
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        trace_id: str,
+        exchange: Exchange,
+        body: _Body | None = None,
+    ) -> web.StreamResponse:
+        """Send ``request`` to the route's upstream and stream the answer back."""
+        if body is None:
+            body = await self.receive(request)
+        declared = request.content_length
         tokens = self._tokens[route.client]
         token = _own(await tokens.get(route.scopes), route)
-        body = await self._read_start(request, declared)
         exchange.bytes_in = len(body.buffered)
         url = URL(route.upstream + request.raw_path, encoded=True)
         egress = self._egress.get(route.prefix)
@@ -157,18 +182,21 @@ class Forwarder:
                     request, url, token, body, declared, trace_id, exchange, egress
                 )
         exchange.upstream_status = upstream.status
-        return await self._relay(request, upstream, exchange)
+        if upstream.status < 200:
+            # aiohttp returns a 101 (or a 1xx it does not skip) as the answer. Nobody asked to
+            # switch protocols: what follows on that connection is not HTTP for us.
+            upstream.close()
+            raise UpstreamError("The upstream switched protocols unasked.", reason="protocol")
+        return await self._relay(request, upstream, exchange, token, body)
 
     async def _read_start(self, request: web.BaseRequest, declared: int | None) -> _Body:
         """Buffer a replayable body; otherwise keep the first bytes and a stream of the rest."""
         if not request.body_exists:
             return _Body(buffered=b"", rest=None)
         deadline = asyncio.get_running_loop().time() + self._body_timeout_s
-        if declared is not None and declared > self._replay_max:
-            body = _Body(buffered=b"", rest=None)
-            body.rest = self._stream_rest(request, body, 0, deadline)
-            return body
-        limit = self._replay_max if declared is None else declared
+        # A large body is also read up to replay_max_bytes here, before any upstream slot is
+        # held: a caller that sends a byte and stalls never gets that far.
+        limit = self._replay_max if declared is None else min(declared, self._replay_max)
         buffered = await self._read_some(request, limit + 1, deadline)
         if len(buffered) > self._max_body:
             raise _too_large()
@@ -203,7 +231,11 @@ class Forwarder:
             except TimeoutError:
                 body.aborted = _too_slow()
                 raise _BodyAborted from None
+            except RequestRejected as exc:  # the body's framing broke a limit (framing.py)
+                body.aborted = exc
+                raise _BodyAborted from None
             if not chunk:
+                body.sent_whole = True
                 return
             sent += len(chunk)
             if sent > self._max_body:
@@ -253,10 +285,17 @@ class Forwarder:
             raise translate(exc, egress) from None
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        exchange: Exchange,
+        token: Token,
+        body: _Body,
     ) -> web.StreamResponse:
         """Stream the upstream answer to the caller; on a fault mid-body, cut the connection."""
         response: web.StreamResponse | None = None
+        headers = downstream_response_headers(upstream.headers)
+        exchange.token_reflected = remove_token(headers, token.value)
         try:
             no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
             length = upstream.content_length
@@ -267,22 +306,22 @@ class Forwarder:
                 # reading it is answered like any upstream fault rather than by a cut.
                 whole = await upstream.content.read()
                 response = web.Response(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=downstream_response_headers(upstream.headers),
-                    body=whole,
+                    status=upstream.status, reason=upstream.reason, headers=headers, body=whole
                 )
+                if exchange.close:
+                    response.force_close()
                 await _to_caller(response.prepare(request))
                 exchange.status_sent = upstream.status
                 exchange.bytes_out = len(whole)
                 await _to_caller(response.write_eof())
                 return response
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=downstream_response_headers(upstream.headers),
+                status=upstream.status, reason=upstream.reason, headers=headers
             )
-            if length is not None and not no_body:
+            if exchange.close:
+                response.force_close()
+            if length is not None and upstream.status != 204:
+                # HEAD and 304 keep the length the full answer would have (RFC 9110 8.6).
                 response.content_length = length
             await _to_caller(response.prepare(request))
             exchange.status_sent = upstream.status
@@ -312,7 +351,12 @@ class Forwarder:
                 raise asyncio.CancelledError from None
             raise error from None
         finally:
-            upstream.release()
+            if body.rest is not None and not body.sent_whole:
+                # The upstream answered before it had the whole body: the rest is not sent,
+                # and a connection left mid-body is never reused.
+                upstream.close()
+            else:
+                upstream.release()
 
 
 class _CallerGone(Exception):

@@ -18,16 +18,27 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import logs
-from proxy._aiohttp import CustomHandlerServer, answer_started, forget_interim_output, server_of
+from proxy._aiohttp import (
+    CustomHandlerServer,
+    Http11Response,
+    answer_started,
+    forget_interim_output,
+    requests_queued,
+    requests_queued_since,
+    server_of,
+)
+from proxy.admission import Admission
 from proxy.config import Config, Route
 from proxy.drain import Drain
-from proxy.errors import InternalError, NotReady, ProxyError, RequestRejected, UpstreamError
+from proxy.errors import InternalError, ProxyError, RequestRejected, UpstreamError
 from proxy.forward import Exchange, Forwarder
+from proxy.framing import ChunkFramingGuard, check_transfer_encoding, closes_connection
 from proxy.headers import new_trace_id, trace_id_for
 from proxy.inbound import (
     ALLOW_HEADER,
     check_browser,
     check_fragment,
+    check_header_bytes,
     check_host,
     check_method,
     check_path,
@@ -68,7 +79,9 @@ class ProxyHandler:
         self._drain = drain
         # The bound port, for the Host check; start() sets it once the listener is bound.
         self.port = port
-        self._max_in_flight = config.listen.max_in_flight
+        self._admission = Admission(
+            max_receiving=config.listen.max_receiving, max_in_flight=config.listen.max_in_flight
+        )
         self._max_body = config.listen.max_body_bytes
         secret = config.listen.shared_secret
         self._proxy_key = secret.reveal().encode() if secret is not None else None
@@ -83,17 +96,22 @@ class ProxyHandler:
         task = request.task
         drain.enter(task)
         try:
-            if drain.in_flight > self._max_in_flight:
-                raise NotReady("Too many requests in flight.", reason="overloaded")
+            # Decided first: a refused chunked request must close its connection too.
+            exchange.close = closes_connection(request.headers)
             route = self._accept(request)
             route_prefix = route.prefix
             await self._continue(request)
-            response = await self._forwarder.forward(request, route, trace_id, exchange)
+            body = None
+            if request.body_exists:
+                with self._admission.receiving_body():
+                    body = await self._forwarder.receive(request)
+            with self._admission.forwarding():
+                response = await self._forwarder.forward(request, route, trace_id, exchange, body)
             return response
         except ProxyError as exc:
             if isinstance(exc, UpstreamError):
                 exchange.upstream_error = exc.reason
-            response = self._problem(request, exc, trace_id)
+            response = self._problem(request, exc, trace_id, close=exchange.close)
             return response
         finally:
             drain.leave(task)
@@ -112,6 +130,10 @@ class ProxyHandler:
                 ).inc()
             if exchange.retried:
                 self._metrics.retries.labels(route=route_prefix).inc()
+            if exchange.token_reflected:
+                self._metrics.token_reflected.labels(route=route_prefix).inc(
+                    exchange.token_reflected
+                )
             if access_log.isEnabledFor(logging.INFO):
                 self._log_access(request, trace_id, route_prefix, status, duration_s, exchange)
 
@@ -146,6 +168,8 @@ class ProxyHandler:
                 "OPTIONS * is not forwarded.", status=405, reason="method_not_allowed"
             )
         check_version(request.version)
+        check_transfer_encoding(request.headers, request.version)
+        check_header_bytes(request.raw_headers)
         check_fragment(request.raw_path)
         raw_path, _query = split_target(request.raw_path)
         headers = request.headers
@@ -178,9 +202,13 @@ class ProxyHandler:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             forget_interim_output(request.writer)
 
-    def _problem(self, request: web.BaseRequest, error: ProxyError, trace_id: str) -> web.Response:
-        # A body left unread would be parsed as the next request: close instead.
-        unread = request.body_exists and not request.content.at_eof()
+    def _problem(
+        self, request: web.BaseRequest, error: ProxyError, trace_id: str, *, close: bool
+    ) -> web.Response:
+        # A body left unread would be parsed as the next request: close instead. The same for a
+        # refused method: after CONNECT the C parser takes every later byte as tunnel data, not
+        # as body, whatever Content-Length says, and would parse it as the next request.
+        unread = close or (request.body_exists and not request.content.at_eof())
         extra = {"Allow": ALLOW_HEADER} if error.status == 405 else None
         if error.status >= 500 or error.status in (408, 413):
             log.warning(
@@ -195,8 +223,9 @@ class ProxyHandler:
             error,
             instance=request.raw_path.partition("?")[0],
             trace_id=trace_id,
-            close=unread or error.status in (400, 408, 413),
+            close=unread or error.status in (400, 405, 408, 413),
             extra_headers=extra,
+            response_class=Http11Response,
         )
 
 
@@ -205,7 +234,20 @@ class _ProxyRequestHandler(RequestHandler):
 
     aiohttp answers unparsable requests with a plain-text body that quotes the offending line
     and logs it with a traceback: either may carry a caller's credential. Here both are fixed.
+    Every read from the socket also passes the chunk framing guard (``framing.py``).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._framing = ChunkFramingGuard()
+
+    def data_received(self, data: bytes) -> None:
+        # aiohttp's C parser skips chunk extensions and trailers without any limit; the guard
+        # compares the bytes read with the heads and body data they gave.
+        queued = requests_queued(self)
+        super().data_received(data)
+        if not self._framing.received(len(data), list(requests_queued_since(self, queued))):
+            self.close()  # the handler answers 400; read nothing more on this connection
 
     def handle_error(
         self,
@@ -236,7 +278,13 @@ class _ProxyRequestHandler(RequestHandler):
         server = server_of(self)
         if isinstance(server, ProxyServer):
             server.metrics.observe_request("unrouted", "OTHER", status, 0.0)
-        return problem_response(error, instance="-", trace_id=new_trace_id(), close=True)
+        return problem_response(
+            error,
+            instance="-",
+            trace_id=new_trace_id(),
+            close=True,
+            response_class=Http11Response,
+        )
 
 
 def make_proxy_server(

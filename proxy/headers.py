@@ -1,9 +1,13 @@
 """Own the header rules of the forwarding path, as pure functions over multidicts.
 
 Order matters and is fixed here: hop-by-hop headers (the fixed set plus every name listed in
-``Connection``) go first, then the caller's ``Authorization``/``Proxy-Authorization`` and the
-headers the proxy sets itself, and only then is exactly one ``Authorization: Bearer`` added -- so
-``Connection: Authorization`` cannot remove the injected token.
+``Connection``) go first, then the caller's ``Authorization``/``Proxy-Authorization``, the headers
+the proxy sets itself and the rewrite and identity headers some gateways act on (every
+``X-Forwarded-*``, ``X-Original-URL`` ...), and only then is exactly one ``Authorization: Bearer``
+added -- so ``Connection: Authorization`` cannot remove the injected token.
+
+On the way back, a header whose value carries the token in use is removed (``remove_token``):
+an upstream's debug header must not hand the caller the partner's token.
 """
 
 from __future__ import annotations
@@ -55,12 +59,55 @@ REQUEST_DROP: Final = frozenset(
     )
 )
 
+# Headers that make some gateways re-route a request, change its method or re-identify its
+# sender (SECURITY 43). Every ``X-Forwarded-*`` goes too, by prefix (``REQUEST_DROP_PREFIX``).
+REWRITE_AND_IDENTITY: Final = frozenset(
+    istr(h)
+    for h in (
+        # the target, rewritten (IIS URL Rewrite, Symfony, Zend, some API gateways)
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-Original-URI",
+        "X-Override-URL",
+        # the method, overridden (a refused TRACE would come back as an override)
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        # the caller's address or host, as set by CDNs and load balancers
+        "True-Client-IP",
+        "X-Client-IP",
+        "Client-IP",
+        "X-Cluster-Client-IP",
+        "X-Original-Forwarded-For",
+        "X-Originating-IP",
+        "X-Remote-IP",
+        "X-Remote-Addr",
+        "X-ProxyUser-IP",
+        "CF-Connecting-IP",
+        "Fastly-Client-IP",
+        "X-Host",
+        "X-Original-Host",
+        # the caller's TLS client certificate, as terminating proxies pass it on
+        "X-Client-Cert",
+        "X-SSL-Client-Cert",
+        "SSL-Client-Cert",
+        "X-ARR-ClientCert",
+        "Client-Cert",
+        "Client-Cert-Chain",
+    )
+)
+REQUEST_DROP_PREFIX: Final = "x-forwarded-"
+
 # Framing of the upstream answer is redone by the server side.
 RESPONSE_DROP: Final = frozenset(istr(h) for h in ("Content-Length",))
 
 # The same names in lower case, computed once (see _filtered).
 _HOP_LOWER: Final = frozenset(name.lower() for name in HOP_BY_HOP)
-_REQUEST_DROP_LOWER: Final = _HOP_LOWER | {name.lower() for name in REQUEST_DROP}
+_REQUEST_DROP_LOWER: Final = (
+    _HOP_LOWER
+    | {name.lower() for name in REQUEST_DROP}
+    | {name.lower() for name in REWRITE_AND_IDENTITY}
+)
 _RESPONSE_DROP_LOWER: Final = _HOP_LOWER | {name.lower() for name in RESPONSE_DROP}
 
 _TRACE_ID_VALUE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,35}")
@@ -86,9 +133,12 @@ def strip_hop_by_hop(
 
 
 def _filtered(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop_lower: frozenset[str]
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    drop_lower: frozenset[str],
+    drop_prefix: str | None = None,
 ) -> CIMultiDict[str]:
-    """Return a copy without the names in ``drop_lower`` and those listed in Connection."""
+    """Return a copy without the names in ``drop_lower``, starting with ``drop_prefix`` (lower
+    case) or listed in Connection."""
     # istr hashes and compares like a plain str (case-sensitive), so "x-ksz-proxy-key" would
     # not be found in a set holding istr("X-KSZ-Proxy-Key"): compare lower-case names instead.
     if "Connection" in headers:
@@ -97,7 +147,15 @@ def _filtered(
         listed = [v for v in headers.getall("Connection") if v.strip().lower() not in drop_lower]
         if listed:
             drop_lower = drop_lower.union(n.lower() for n in _listed_names(listed))
-    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop_lower])
+    if drop_prefix is None:
+        return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop_lower])
+    return CIMultiDict(
+        [
+            (k, v)
+            for k, v in headers.items()
+            if (low := k.lower()) not in drop_lower and not low.startswith(drop_prefix)
+        ]
+    )
 
 
 def trace_id_for(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str:
@@ -125,7 +183,7 @@ def upstream_request_headers(
     content_length: int | None,
 ) -> CIMultiDict[str]:
     """Return the headers to send upstream: filtered, then exactly one Authorization added."""
-    headers = _filtered(inbound, _REQUEST_DROP_LOWER)
+    headers = _filtered(inbound, _REQUEST_DROP_LOWER, REQUEST_DROP_PREFIX)
     headers[TRACE_ID] = trace_id
     if content_length is not None:
         headers["Content-Length"] = str(content_length)
@@ -138,3 +196,15 @@ def downstream_response_headers(
 ) -> CIMultiDict[str]:
     """Return the upstream answer's headers to send back, without hop-by-hop and framing."""
     return _filtered(upstream, _RESPONSE_DROP_LOWER)
+
+
+def remove_token(headers: CIMultiDict[str], token: str) -> int:
+    """Remove every header whose value contains ``token``; return how many were removed."""
+    if not token:
+        return 0
+    kept = [(name, value) for name, value in headers.items() if token not in value]
+    removed = len(headers) - len(kept)
+    if removed:
+        headers.clear()
+        headers.extend(kept)
+    return removed

@@ -12,7 +12,10 @@ checked before anything else happens (no token fetched, nothing sent upstream):
 - ``Host``: must be in ``listen.allowed_hosts`` with the listener's port (DNS rebinding): 421;
 - browsers: any ``Origin`` header or a ``Sec-Fetch-Site`` other than ``none``: 403;
 - ``Upgrade`` (websocket, h2c): 400;
+- header names with ``_``, and header values that are not UTF-8: 400 (``check_header_bytes``);
 - optional shared secret in ``X-KSZ-Proxy-Key``, compared in constant time: 403.
+
+The framing rules (``Transfer-Encoding``, chunk extensions, trailers) are in ``framing.py``.
 """
 
 from __future__ import annotations
@@ -173,6 +176,33 @@ def check_upgrade(headers: Mapping[str, str]) -> None:
         raise RequestRejected(
             "Protocol upgrades are not supported.", status=400, reason="upgrade_refused"
         )
+
+
+def check_header_bytes(raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Refuse header names with ``_`` and header values that would not go upstream unchanged.
+
+    **Underscores: refused, not dropped.** CGI, WSGI, PHP and nginx/Apache in some set-ups map
+    ``-`` and ``_`` to the same variable, so ``X_Forwarded_For`` or ``Proxy_Authorization`` can
+    reach an application as the header the proxy removed under its real name. Dropping them
+    silently (nginx's default) would hide from the caller why a header never arrived; no KSZ API
+    uses such names, so a 400 ``bad_header`` names the problem instead (SECURITY 43).
+
+    **Values: byte-exact or refused.** aiohttp reads header bytes as UTF-8 and its writer drops
+    what is not (``caf\xe9`` would go upstream as ``caf``); valid UTF-8 and ASCII go upstream
+    byte for byte, anything else is refused with 400 ``bad_header`` (SECURITY 46).
+    """
+    for name, value in raw_headers:
+        if b"_" in name:
+            raise RequestRejected(
+                "Header names may not contain '_'.", status=400, reason="bad_header"
+            )
+        if not value.isascii():
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestRejected(
+                    "A header value is neither ASCII nor UTF-8.", status=400, reason="bad_header"
+                ) from None
 
 
 def check_proxy_key(headers: MultiMapping[str], expected: bytes | None) -> None:

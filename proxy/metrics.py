@@ -89,6 +89,12 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.token_reflected = Counter(
+            "kszproxy_token_reflected",
+            "Answer headers removed because they carried the access token back to the caller.",
+            ["route"],
+            registry=r,
+        )
         self.certificate_expiry = Gauge(
             "kszproxy_certificate_expiry_timestamp_seconds",
             "notAfter of each client's signing certificate (Unix time).",

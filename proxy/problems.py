@@ -38,15 +38,23 @@ def problem_response(
     trace_id: str,
     close: bool = False,
     extra_headers: dict[str, str] | None = None,
+    response_class: type[web.Response] = web.Response,
 ) -> web.Response:
-    """Return a complete problem+json response for ``error``."""
+    """Return a complete problem+json response for ``error``.
+
+    The proxy listener passes ``_aiohttp.Http11Response``, whose status line says ``HTTP/1.1``
+    whatever version the refused request named.
+    """
     headers = {"BelGov-Trace-Id": trace_id, "Cache-Control": "no-store"}
     retry_after = error.retry_after_s
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if extra_headers:
         headers.update(extra_headers)
-    response = web.Response(
+    if close:
+        # Said explicitly: for a request that named no HTTP/1.1, aiohttp would not say it.
+        headers["Connection"] = "close"
+    response = response_class(
         status=error.status,
         body=json.dumps(problem_body(error, instance=instance)).encode(),
         content_type=PROBLEM_JSON,

@@ -84,3 +84,21 @@ def test_handle_error_keeps_its_signature() -> None:
     # handler._ProxyRequestHandler overrides handle_error; aiohttp calls it with these names.
     names = list(inspect.signature(RequestHandler.handle_error).parameters)
     assert names == ["self", "request", "status", "exc", "message"]
+
+
+def test_request_handler_queues_parsed_requests_in_messages() -> None:
+    # requests_queued(_since) read RequestHandler._messages, filled by data_received.
+    assert "_messages" in RequestHandler.__slots__
+    assert "self._messages.append((msg, payload))" in inspect.getsource(
+        RequestHandler.data_received
+    )
+
+
+async def test_http11_response_writes_its_status_line_in_write_headers() -> None:
+    # Http11Response overrides StreamResponse._write_headers, the status-line step, and reads
+    # _payload_writer and _send_headers_immediately as aiohttp's own version does.
+    source = inspect.getsource(web.StreamResponse._write_headers)
+    assert "status_line" in source
+    assert "self._payload_writer" in source
+    assert "self._send_headers_immediately" in source
+    assert "await self._write_headers()" in inspect.getsource(web.StreamResponse._start)

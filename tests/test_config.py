@@ -155,6 +155,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "keepalive_timeout_s",
             "drain_timeout_s",
             "max_in_flight",
+            "max_receiving",
             "workers",
             "shared_secret_file",
         }
@@ -490,6 +491,7 @@ FULL: Final[Mapping[str, Any]] = {
         "keepalive_timeout_s": 4.5,
         "drain_timeout_s": 7.5,
         "max_in_flight": 9,
+        "max_receiving": 11,
         "workers": 3,
         "shared_secret_file": "shared.key",
     },
@@ -651,6 +653,7 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
             keepalive_timeout_s=4.5,
             drain_timeout_s=7.5,
             max_in_flight=9,
+            max_receiving=11,
             workers=3,
             shared_secret_file=tmp_path / "shared.key",
             shared_secret=Secret("s3cret-shared"),

@@ -15,12 +15,17 @@ Authorization, Host, Connection, Transfer-Encoding and Content-Length, a body --
   502/503/504 problem+json; and it still answers a normal request afterwards.
 
 A request smuggled in a body reaches the upstream only where the head declared no body (then it
-is plain pipelining). The last test pins what the fuzzing found (see tests/SECURITY-COVERAGE.md).
+is plain pipelining). A second property test writes chunked bodies -- chunk extensions short and
+long, trailer fields, header names made of arbitrary bytes -- followed by a pipelined request on
+the same connection: no trailer ever reaches the upstream, in that request or the next (41), no
+header name with ``_`` does (43), the body arrives as its chunks' data, and a long extension is
+refused (46). The last test pins what the fuzzing found (see tests/SECURITY-COVERAGE.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -393,3 +398,133 @@ async def test_what_cannot_be_forwarded_as_sent_is_refused(
     assert answer.status == 400
     assert f'"reason": "{reason}"'.encode() in answer.body
     assert chain.upstream.count == 0
+
+
+# -- chunked bodies: extensions, trailers, header-name bytes ------------------------------------
+
+TRAILER_CANARY: Final = "trailer-canary"
+# Token characters (RFC 9110 5.6.2) and bytes around them: "_", separators, DEL, obs-text.
+NAME_BYTES: Final = "!#$%&'*+-.^_`|~09AZaz" + "_._" + ' \t:;,/"@[]{}()<>=?\x7f\x80\xe9\xff'
+TRAILER_NAMES: Final = [
+    *("X-Original-URL", "Origin", "Authorization", "Host", "Content-Length"),
+    *("Transfer-Encoding", "X_Forwarded_For", "X-Forwarded-For", "Connection", "Sec-Fetch-Site"),
+]
+EXTENSIONS: Final = [";", ";a", ";a=b", ';a="b;c"', "; a = b", ";a=b;c=d", "\t;x"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkedRequest:
+    """A chunked POST, its trailers, and a GET pipelined behind it on the same connection."""
+
+    te: str
+    headers: tuple[tuple[str, str], ...]
+    chunks: tuple[tuple[bytes, str], ...]  # (data, extension written after the size)
+    last_extension: str
+    trailers: tuple[str, ...]
+    long_extension: int  # bytes of one extra extension on the first chunk (0: none)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(data for data, _ in self.chunks)
+
+    def encode(self, port: int) -> bytes:
+        lines = [f"POST {DEMO}/chunked HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+        lines += [f"{name}: {value}" for name, value in self.headers]
+        lines.append(f"Transfer-Encoding: {self.te}")
+        body = b""
+        for i, (data, extension) in enumerate(self.chunks):
+            if i == 0 and self.long_extension:
+                extension += ";long=" + "e" * self.long_extension
+            body += f"{len(data):x}{extension}\r\n".encode("latin-1") + data + b"\r\n"
+        body += f"0{self.last_extension}\r\n".encode("latin-1")
+        body += "".join(f"{name}: {TRAILER_CANARY}\r\n" for name in self.trailers).encode()
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        follow = f"GET {DEMO}/next HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        return head + body + b"\r\n" + follow
+
+
+chunked_requests = st.builds(
+    ChunkedRequest,
+    te=spellings("chunked"),
+    headers=st.lists(
+        st.tuples(st.text(NAME_BYTES, min_size=1, max_size=12), st.just("name-canary")),
+        max_size=3,
+    ).map(tuple),
+    chunks=st.lists(
+        st.tuples(
+            st.binary(min_size=1, max_size=300),
+            st.one_of(st.just(""), st.just(""), st.sampled_from(EXTENSIONS)),
+        ),
+        max_size=5,
+    ).map(tuple),
+    last_extension=st.one_of(st.just(""), st.sampled_from(EXTENSIONS)),
+    trailers=st.lists(st.sampled_from(TRAILER_NAMES), max_size=3).map(tuple),
+    long_extension=st.sampled_from([0, 0, 0, 100, 3000, 70_000]),
+)
+
+
+async def read_until_closed(port: int, data: bytes) -> bytes:
+    """Write ``data``, then return every byte answered until the proxy closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = b""
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            while True:
+                try:
+                    chunk = await reader.read(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    return received
+                received += chunk
+    except ConnectionError:
+        return received
+    finally:
+        await close_writer(writer)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(request=chunked_requests)
+@example(
+    request=ChunkedRequest(
+        te="chunked",
+        headers=(),
+        chunks=((b"abc", ""),),
+        last_extension="",
+        trailers=("X-Original-URL",),
+        long_extension=0,
+    )
+)
+async def test_trailers_extensions_and_header_name_bytes_never_reach_the_upstream(
+    fuzz_chain: Chain, request: ChunkedRequest
+) -> None:
+    chain = fuzz_chain
+    first_seen = chain.upstream.count
+    received = await read_until_closed(chain.port, request.encode(chain.port))
+    await asyncio.sleep(0.01)
+    answers, _ = parse_responses(received, at_eof=True)
+    statuses = [answer.status for answer in answers]
+    event(f"answers {statuses}")
+    # One answer, then the connection closes: the pipelined GET is never read (41).
+    assert len(answers) <= 1, statuses
+    seen = chain.upstream.seen[first_seen:]
+    assert [s.target for s in seen] in ([], [DEMO + "/chunked"])
+    for forwarded in seen:
+        for name, value in forwarded.headers:
+            assert TRAILER_CANARY not in value, name
+            assert "_" not in name, name
+            assert not name.lower().startswith("x-forwarded-"), name
+    if request.chunks and request.long_extension > 4096 + 300:
+        assert statuses in ([], [400]), statuses
+    if statuses == [200]:
+        (forwarded,) = seen
+        assert forwarded.body_sha256 == hashlib.sha256(request.data).hexdigest()
+    async with chain.request("GET", DEMO + "/alive") as response:
+        assert response.status == 200
+        await response.read()

@@ -21,6 +21,7 @@ from proxy._aiohttp import check_c_parser
 from tests.support.chain import Chain, ChainFactory
 from tests.support.config import DEMO
 from tests.support.rawhttp import assert_no_cors, assert_problem, build, exchange
+from tests.support.smuggling import CORPUS
 
 REPO: Final = Path(__file__).resolve().parents[1]
 
@@ -58,35 +59,8 @@ def test_python_parser_is_refused() -> None:
 
 # -- A2/A4: framing -------------------------------------------------------------------------------
 
-SMUGGLING: Final = {
-    "cl_and_te": (
-        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /x HTTP/1.1\r\n\r\n"
-    ),
-    "te_and_cl": b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
-    "two_lengths": b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-    "same_length_twice_comma": b"Content-Length: 5, 6\r\n\r\nhello!",
-    "te_chunked_identity": b"Transfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-    "te_xchunked": b"Transfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-    "te_space_before_colon": b"Transfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-    "te_leading_space_line": b" Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-    "te_twice": (
-        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-    ),
-    "te_vertical_tab": b"Transfer-Encoding:\x0bchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-    "obs_fold": b"X-Folded: a\r\n b\r\nContent-Length: 5\r\n\r\nhello",
-    "obs_fold_te": b"Transfer-Encoding: identity\r\n chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-    "bare_lf": b"Content-Length: 5\nX-A: b\r\n\r\nhello",
-    "bare_cr": b"Content-Length: 5\rX-A: b\r\n\r\nhello",
-    "nul_in_value": b"X-A: a\x00b\r\nContent-Length: 5\r\n\r\nhello",
-    "length_plus": b"Content-Length: +5\r\n\r\nhello",
-    "length_minus": b"Content-Length: -5\r\n\r\nhello",
-    "length_two_numbers": b"Content-Length: 5 5\r\n\r\nhello",
-    "length_hex": b"Content-Length: 0x5\r\n\r\nhello",
-    "chunk_size_overflow": (
-        b"Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFF1\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_bare_lf": b"Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n",
-}
+# One write each (the long chunk extension streams in test_hardening.py, read as it goes).
+SMUGGLING: Final = {name: case.tail for name, case in CORPUS.items() if len(case.tail) < 65536}
 
 
 @pytest.mark.parametrize("framing", sorted(SMUGGLING))
@@ -240,6 +214,25 @@ async def test_refused_methods_are_405_with_allow(chain: Chain, method: str, tar
     assert_problem(result.only, 405, "method_not_allowed")
     assert "GET" in result.only.headers["Allow"]
     assert "TRACE" not in result.only.headers["Allow"]
+    assert chain.upstream.count == 0
+
+
+@pytest.mark.parametrize("target", [DEMO, "evil.example:443"])
+@pytest.mark.parametrize("framing", ["content-length", "none"])
+async def test_connect_carrying_a_request_is_refused_and_closes(
+    chain: Chain, target: str, framing: str
+) -> None:
+    # Found by the fuzz: llhttp treats what follows CONNECT's head as tunnel bytes, whatever its
+    # Content-Length says. Kept open after the 405, the connection parsed that "body" as a
+    # request of its own and forwarded it. Every refused CONNECT now closes its connection.
+    inner = build("GET", DEMO + "/smuggled", chain.port, close=False)
+    headers = [("Content-Length", str(len(inner)))] if framing == "content-length" else []
+    head = build("CONNECT", target, chain.port, headers, close=False)
+    result = await exchange(chain.port, head + inner)
+    assert [r.status for r in result.responses][:1] in ([405], [400])
+    assert len(result.responses) == 1, result.statuses
+    assert result.closed
+    await asyncio.sleep(0.05)
     assert chain.upstream.count == 0
 
 

@@ -36,6 +36,8 @@ RANKS: Final[dict[str, int]] = {
             "problems",
             "logs",
             "drain",
+            "framing",
+            "admission",
         ),
         0,
     ),

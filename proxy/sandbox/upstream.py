@@ -23,6 +23,20 @@ slash is ignored)::
     .../headers-out         an answer carrying hop-by-hop headers and two Set-Cookie headers
     anything else           200 JSON echo of the request (credentials shown as ***)
 
+Malicious modes, for the hostile tests (a KSZ endpoint would never do this)::
+
+    .../switch              answers ``101 Switching Protocols`` that nobody asked for, then, on
+                            the same connection, a second answer ``200`` with ``X-Desync: 1``
+                            that a proxy reusing the connection would hand to its next caller
+    .../reflect-token       200 whose headers echo the Authorization header it received
+                            (``X-Debug-Authorization``, ``X-Debug-Note``: ``token=<token>``)
+    .../early?status=N      answers N (default 413) before reading the request body, then
+                            closes the connection (as a server refusing an upload does);
+                            keep=1 keeps it open instead and stops reading from it
+
+``SeenRequest.connection`` numbers the TCP connection a request came on (1, 2, ...), so tests
+can tell a reused connection from a new one.
+
 Only the last segment counts so that generated paths (property tests) almost never hit a
 special behaviour by accident.
 """
@@ -89,6 +103,8 @@ class SeenRequest:
     body_complete: bool = True
     # The client the (single) bearer token was issued to; None without one or when unknown.
     client_id: str | None = None
+    # Which TCP connection of this fake it came on, numbered from 1 in order of first use.
+    connection: int = 0
 
     def header_values(self, name: str) -> list[str]:
         """Return every value of header ``name`` (case-insensitive), in received order."""
@@ -156,6 +172,8 @@ class FakeUpstream:
         self._client_of = client_of
         self._required_scope = required_scope
         self._rejections: dict[str, int] = {}
+        # Connections numbered in order of first use (the transport object identifies one).
+        self._connections: dict[int, int] = {}
 
     @property
     def count(self) -> int:
@@ -193,7 +211,15 @@ class FakeUpstream:
         return [(seen.target.partition("?")[0], seen.client_id) for seen in self.seen]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        seen = await _receive(request, self.seen, self._token_client(request))
+        if _last_segment(request) == "early":
+            # Before the body: the point is that it is never read.
+            self.seen.append(
+                _describe(request, 0, "", complete=False, connection=self._number(request))
+            )
+            return _early(request)
+        seen = await _receive(
+            request, self.seen, self._token_client(request), self._number(request)
+        )
         if not seen.body_complete:
             # Nobody may be left to read this; if the connection is gone aiohttp drops it.
             return _problem(400, "The request body did not arrive complete.")
@@ -215,6 +241,10 @@ class FakeUpstream:
             return None
         client_id = self._introspect(token).get("client_id")
         return client_id if isinstance(client_id, str) else None
+
+    def _number(self, request: web.Request) -> int:
+        key = id(request.transport)
+        return self._connections.setdefault(key, len(self._connections) + 1)
 
     def _authenticate(self, request: web.Request) -> web.Response | None:
         values = request.headers.getall("Authorization", [])
@@ -267,7 +297,7 @@ class FakeUpstream:
 
 
 async def _receive(
-    request: web.Request, record: list[SeenRequest], client_id: str | None
+    request: web.Request, record: list[SeenRequest], client_id: str | None, connection: int = 0
 ) -> SeenRequest:
     """Read the body as it streams in, then describe the request in ``record``."""
     digest = hashlib.sha256()
@@ -282,16 +312,36 @@ async def _receive(
     except asyncio.CancelledError:
         # The caller hung up and aiohttp cancelled us: what did arrive still counts.
         record.append(
-            _describe(request, size, digest.hexdigest(), complete=False, client_id=client_id)
+            _describe(
+                request,
+                size,
+                digest.hexdigest(),
+                complete=False,
+                client_id=client_id,
+                connection=connection,
+            )
         )
         raise
-    seen = _describe(request, size, digest.hexdigest(), complete=complete, client_id=client_id)
+    seen = _describe(
+        request,
+        size,
+        digest.hexdigest(),
+        complete=complete,
+        client_id=client_id,
+        connection=connection,
+    )
     record.append(seen)
     return seen
 
 
 def _describe(
-    request: web.Request, size: int, sha256: str, *, complete: bool, client_id: str | None
+    request: web.Request,
+    size: int,
+    sha256: str,
+    *,
+    complete: bool,
+    client_id: str | None = None,
+    connection: int = 0,
 ) -> SeenRequest:
     return SeenRequest(
         method=request.method,
@@ -304,7 +354,12 @@ def _describe(
         trace_id=request.headers.get(_TRACE),
         body_complete=complete,
         client_id=client_id,
+        connection=connection,
     )
+
+
+def _last_segment(request: web.Request) -> str:
+    return request.raw_path.partition("?")[0].removesuffix("/").rsplit("/", 1)[-1]
 
 
 async def _answer(request: web.Request, seen: SeenRequest) -> web.StreamResponse:
@@ -331,6 +386,10 @@ async def _answer(request: web.Request, seen: SeenRequest) -> web.StreamResponse
         return _gzip()
     if last == "headers-out":
         return _headers_out()
+    if last == "switch":
+        return await _switch(request)
+    if last == "reflect-token":
+        return _reflect_token(request)
     return _echo(seen)
 
 
@@ -460,6 +519,51 @@ def _headers_out() -> web.Response:
     headers.add("Set-Cookie", "b=2; Path=/; Secure; HttpOnly")
     headers.add("X-End-To-End", "kept")
     return web.Response(body=b'{"headers": "out"}', headers=headers)
+
+
+# A 101 nobody asked for, and right behind it an answer only a reused connection would read.
+_SWITCH: Final = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Desync: 1\r\n\r\nsmuggled"
+)
+
+
+async def _switch(request: web.Request) -> web.StreamResponse:
+    transport = request.transport
+    if transport is None:
+        return _problem(400, "The connection is gone.")
+    transport.write(_SWITCH)
+    # Hold the connection: a proxy that reuses it reads the second answer as its next one.
+    # The proxy closing it cancels this handler (handler_cancellation), so nothing else is sent.
+    await asyncio.sleep(MAX_STALL_S)
+    return _problem(500, "unreachable")
+
+
+def _reflect_token(request: web.Request) -> web.Response:
+    authorization = request.headers.get("Authorization", "")
+    token = authorization.partition(" ")[2]
+    headers = {
+        "Content-Type": "application/json",
+        "X-Debug-Authorization": authorization,
+        "X-Debug-Note": f"request carried token={token}; ok",
+        "X-Kept": "kept",
+    }
+    return web.Response(body=b'{"reflected": true}', headers=headers)
+
+
+def _early(request: web.Request) -> web.Response:
+    status = _query_int(request, "status", 413, high=599)
+    if status is None or status < 200:
+        return _problem(400, "status must be from 200 to 599.")
+    response = _problem(status, "Answered before the body was read.")
+    if request.query.get("keep") == "1":
+        # Keep the connection and stop reading: the unread body fills the socket buffers.
+        if request.transport is not None:
+            request.transport.pause_reading()
+        return response
+    # No lingering read of the body: the connection closes right after the answer.
+    response.force_close()
+    return response
 
 
 async def _add_trace_ids(request: web.Request, response: web.StreamResponse) -> None:

@@ -7,6 +7,7 @@
 - ``metrics.py``: /metrics scraped and parsed into samples;
 - ``wait.py``: bounded polling; ``clock.py``: a monotonic clock moved by hand; ``rss.py``: RSS;
 - ``paths.py``: what strict and lenient servers make of a raw path;
+- ``smuggling.py``: the request-smuggling corpus, with the C parser's verdict on each case;
 - ``rawhttp.py``, ``faultproxy.py``, ``soakload.py``: raw HTTP, a fault-injecting TCP proxy,
   the soak test's load generator (run as ``python -m tests.support.soakload``).
 """
