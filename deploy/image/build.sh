@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Build the container image with buildah (no daemon), and its SBOM next to it (`make image`).
+#
+#   deploy/image/build.sh            -> image ksz-proxy:<version> in the local container storage,
+#                                       SBOM dist/ksz-proxy-<version>.cdx.json
+#
+# --format docker: buildah's default OCI format has no HEALTHCHECK and would drop it silently.
+# --isolation chroot: RUN steps need no container runtime, user namespaces or cgroups.
+#
+# How this machine's pip reaches the package index is passed on to the build, as a partner behind
+# a TLS-inspecting proxy would: the index URL (PIP_INDEX_URL, else pip's global.index-url) as a
+# build argument, the CA bundle (KSZ_PIP_CA, else PIP_CERT, else pip's global.cert) as the build
+# secret pip-ca. Nothing of either is written into the image.
+#
+# Environment: VENV (the project's virtual environment, for cyclonedx-py and pip's settings),
+# KSZ_IMAGE (the tag, default ksz-proxy:<version>), KSZ_IMAGE_DIST (where the SBOM goes, dist).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+VENV=${VENV:-.venv}
+BIN=$VENV/bin
+VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' proxy/__init__.py)
+[ -n "$VERSION" ] || { echo "proxy/__init__.py: no __version__" >&2; exit 1; }
+IMAGE=${KSZ_IMAGE:-ksz-proxy:$VERSION}
+DIST=${KSZ_IMAGE_DIST:-dist}
+SBOM=$DIST/ksz-proxy-$VERSION.cdx.json
+
+pip_setting() { # env value, else pip's own setting (pip.conf), else nothing
+    local value=${!1:-}
+    if [ -z "$value" ]; then
+        value=$("$BIN/python" -m pip config get "$2" 2>/dev/null || true)
+    fi
+    echo "$value"
+}
+
+args=(
+    --format docker
+    --isolation chroot
+    --layers
+    --tag "$IMAGE"
+    --build-arg "VERSION=$VERSION"
+    --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    # The commit's time, not the build's: rebuilding the same commit gives the same label.
+    --build-arg "CREATED=$(git log -1 --format=%cI 2>/dev/null || echo unknown)"
+)
+index=$(pip_setting PIP_INDEX_URL global.index-url)
+case "$index" in
+    # Only an index the build can reach: a local file:// index is not inside the build.
+    http://* | https://*) args+=(--build-arg "PIP_INDEX_URL=$index") ;;
+esac
+ca=${KSZ_PIP_CA:-$(pip_setting PIP_CERT global.cert)}
+if [ -n "$ca" ]; then
+    [ -r "$ca" ] || { echo "CA bundle $ca is not readable" >&2; exit 1; }
+    args+=(--secret "id=pip-ca,src=$ca")
+fi
+
+echo "+ buildah bud ${args[*]} ."
+start=$(date +%s)
+buildah bud "${args[@]}" .
+echo "built $IMAGE in $(($(date +%s) - start)) s"
+
+# The SBOM of the image's Python environment: exactly what requirements.lock pins (the build
+# installs it with --require-hashes), with ksz-proxy itself as the described component.
+mkdir -p "$DIST"
+"$BIN/cyclonedx-py" requirements \
+    --pyproject pyproject.toml \
+    --mc-type application \
+    --output-reproducible \
+    --output-format JSON \
+    --output-file "$SBOM" \
+    requirements.lock
+echo "image: $IMAGE ($(buildah inspect --type image --format '{{.FromImageID}}' "$IMAGE"))"
+echo "SBOM:  $SBOM"
