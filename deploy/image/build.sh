@@ -62,12 +62,31 @@ echo "built $IMAGE in $(($(date +%s) - start)) s"
 # The SBOM of the image's Python environment: exactly what requirements.lock pins (the build
 # installs it with --require-hashes), with ksz-proxy itself as the described component.
 mkdir -p "$DIST"
-"$BIN/cyclonedx-py" requirements \
+# (Its warning about the root component's missing dependencies is answered just below.)
+PYTHONWARNINGS=ignore::UserWarning "$BIN/cyclonedx-py" requirements \
     --pyproject pyproject.toml \
     --mc-type application \
     --output-reproducible \
     --output-format JSON \
     --output-file "$SBOM" \
     requirements.lock
+# The package's version is dynamic, so cyclonedx-py leaves it out: name it, and make the locked
+# packages the described component's dependencies.
+"$BIN/python" - "$SBOM" "$VERSION" <<'EOF'
+import json, sys
+
+path, version = sys.argv[1:]
+with open(path, encoding="utf-8") as fh:
+    bom = json.load(fh)
+root = bom["metadata"]["component"]
+root.update(version=version, purl=f"pkg:pypi/ksz-proxy@{version}")
+refs = [c["bom-ref"] for c in bom["components"]]
+bom["dependencies"] = [{"ref": root["bom-ref"], "dependsOn": refs}] + [
+    d for d in bom.get("dependencies", []) if d["ref"] != root["bom-ref"]
+]
+with open(path, "w", encoding="utf-8") as fh:
+    json.dump(bom, fh, indent=2)
+    fh.write("\n")
+EOF
 echo "image: $IMAGE ($(buildah inspect --type image --format '{{.FromImageID}}' "$IMAGE"))"
 echo "SBOM:  $SBOM"
