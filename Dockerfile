@@ -42,7 +42,7 @@
 # so 127.0.0.1 reaches it either way.
 
 # Both stages must use the same base: the virtual environment is copied between them.
-# Pin the digest (python:3.13-slim-trixie@sha256:...) in your own build.
+# Pin the digest in your own build: --build-arg BASE_IMAGE=python:3.13-slim-trixie@sha256:...
 ARG BASE_IMAGE=python:3.13-slim-trixie
 
 FROM ${BASE_IMAGE} AS build
@@ -83,6 +83,7 @@ RUN /opt/build/bin/python -m pip wheel --no-build-isolation --no-deps --no-index
        fi
 
 FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
 ARG VERSION
 ARG REVISION=unknown
 ARG CREATED=unknown
@@ -92,7 +93,7 @@ LABEL org.opencontainers.image.title="ksz-proxy" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="python:3.13-slim-trixie"
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 # A fixed numeric UID/GID: Kubernetes' runAsNonRoot can only verify a numeric USER, and the
 # operator chowns the mounted key files to it. It is a system account above the system range:

@@ -141,7 +141,9 @@ def test_image_metadata_user_and_version(image: Image) -> None:
     # Built with --format docker: the OCI format would have dropped the HEALTHCHECK.
     assert "/livez" in " ".join(inspected["Healthcheck"]["Test"])
     assert inspected["ManifestType"] == "application/vnd.docker.distribution.manifest.v2+json"
-    assert config["Labels"]["org.opencontainers.image.version"] == __version__
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.version"] == __version__
+    assert labels["org.opencontainers.image.base.name"] == "python:3.13-slim-trixie"
     assert config["Cmd"] == ["ksz-proxy", "run"]
 
     done = image.run("id")
