@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,7 +116,10 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
         rootless = _run(["podman", "info"], timeout=60)
         if rootless.returncode != 0:
             pytest.skip(f"not root and no rootless podman: {rootless.stderr.strip()[-300:]}")
-    _script("base.sh", timeout=600)
+    done = _run(["bash", "deploy/image/base.sh"], cwd=ROOT, timeout=600)
+    if done.returncode == 3:
+        pytest.skip(f"no base image: {done.stderr.strip()}")
+    assert done.returncode == 0, f"deploy/image/base.sh\n{done.stdout}\n{done.stderr}"
     dist = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "VENV": sys.prefix, "KSZ_IMAGE_DIST": str(dist)}
     _script("build.sh", timeout=600, env=env)
@@ -132,6 +136,26 @@ def _lock(path: Path) -> dict[str, str]:
 
 def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_locks_follow_pyproject() -> None:
+    # No container needed: the locks name what pyproject.toml asks for (the image build's
+    # `pip check` then proves the versions satisfy it).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    [backend] = project["build-system"]["requires"]
+    name, _, version = backend.partition("==")
+    assert version, f"the build backend is not pinned: {backend}"
+    assert _lock(ROOT / "requirements-build.lock")[_normal(name)] == version
+    wanted = {
+        _normal(re.split(r"[\[<>=!~; ]", dep)[0]) for dep in project["project"]["dependencies"]
+    }
+    assert wanted <= set(_lock(ROOT / "requirements.lock"))
+    # Every pin carries its hashes (pip's --require-hashes refuses the lock otherwise).
+    for file in ("requirements.lock", "requirements-build.lock"):
+        text = (ROOT / file).read_text(encoding="utf-8")
+        hashed = re.findall(r"^\S+==\S+ \\\n\s+--hash=sha256:[0-9a-f]{64}", text, re.M)
+        assert len(hashed) == len(_lock(ROOT / file)) > 0
+        assert "make lock" in text
 
 
 def test_image_metadata_user_and_version(image: Image) -> None:
@@ -257,14 +281,18 @@ scopes = ["{image_fakes.SCOPE}"]
     for path, data in files.items():
         path.write_bytes(data)
         path.chmod(0o400)
-    for path in (config, fakes, *files):
-        os.chown(path, UID, UID)
+    # Owned by the image's user, as a partner's key files must be (rootless podman maps the
+    # container's 10001 to a subordinate UID of the caller: chown from inside its namespace).
+    owned = [str(path) for path in (config, fakes, *files)]
+    if os.geteuid() == 0:
+        for name in owned:
+            os.chown(name, UID, UID)
+    else:
+        _must(["podman", "unshare", "chown", f"{UID}:{UID}", *owned])
 
 
 @pytest.fixture
 def pair(image: Image, tmp_path: Path) -> Iterator[Pair]:
-    if os.geteuid() != 0:
-        pytest.skip("the mounted key files must belong to UID 10001: needs root")
     tmp_path.chmod(0o755)
     _config(tmp_path)
     name = f"ksz-proxy-image-test-{uuid.uuid4().hex[:8]}"
@@ -315,6 +343,8 @@ def pair(image: Image, tmp_path: Path) -> Iterator[Pair]:
     finally:
         for container in (pair.fake, pair.proxy):
             _run([*PODMAN, "rm", "--force", "--time", "0", container], timeout=60)
+        if os.geteuid() != 0:  # give the files back, so that pytest can remove them
+            _run(["podman", "unshare", "chown", "-R", "0:0", str(tmp_path)], timeout=60)
 
 
 def _until(predicate: Any, what: str, timeout: float = 30) -> None:

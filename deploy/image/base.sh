@@ -10,6 +10,9 @@
 #
 #   deploy/image/base.sh            import the stand-in unless the current one is there
 #
+# Needs root (debootstrap). Not root: exit 0 if an image of that name is in the local storage
+# (a real base, pulled), else exit 3 with the reason.
+#
 # The Debian mirror is the one this machine's apt uses (KSZ_DEBIAN_MIRROR overrides it). The
 # root filesystem is cached as a tarball in ${XDG_CACHE_HOME:-~/.cache}/ksz-proxy/base (about
 # 50 MB), keyed by the recipe below: a rerun with a warm cache only imports it (seconds).
@@ -36,6 +39,17 @@ if [ "$(buildah inspect --type image --format '{{index .OCIv1.Config.Labels "ksz
     "$NAME" 2>/dev/null || true)" = "$KEY" ]; then
     echo "stand-in $NAME ($KEY) is already in the local storage"
     exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    # debootstrap needs root; a base already in this user's storage (pulled) is used as it is.
+    if buildah inspect --type image "$NAME" >/dev/null 2>&1; then
+        echo "not root: using $NAME as found in the local storage"
+        exit 0
+    fi
+    echo "not root: the stand-in for $NAME needs root (debootstrap); pull the real base" \
+        "(podman pull $BASE) or run as root" >&2
+    exit 3
 fi
 
 # The mirror of the machine's own apt sources: the first Debian archive it lists.
