@@ -18,6 +18,7 @@
 # 50 MB), keyed by the recipe below: a rerun with a warm cache only imports it (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin # debootstrap
 
 SUITE=trixie
 PACKAGES=python3,python3-venv,python3-pip,python-is-python3,ca-certificates,netbase

@@ -8,8 +8,8 @@
 # --isolation chroot: RUN steps need no container runtime, user namespaces or cgroups.
 #
 # How this machine's pip reaches the package index is passed on to the build, as a partner behind
-# a TLS-inspecting proxy would: the index URL (PIP_INDEX_URL, else pip's global.index-url) as a
-# build argument, the CA bundle (KSZ_PIP_CA, else PIP_CERT, else pip's global.cert) as the build
+# a TLS-inspecting proxy would: the index URL (PIP_INDEX_URL, else pip's index-url setting) as a
+# build argument, the CA bundle (KSZ_PIP_CA, else PIP_CERT, else pip's cert setting) as the build
 # secret pip-ca. Nothing of either is written into the image.
 #
 # Environment: VENV (the project's virtual environment, for cyclonedx-py and pip's settings),
@@ -25,10 +25,14 @@ IMAGE=${KSZ_IMAGE:-ksz-proxy:$VERSION}
 DIST=${KSZ_IMAGE_DIST:-dist}
 SBOM=$DIST/ksz-proxy-$VERSION.cdx.json
 
-pip_setting() { # env value, else pip's own setting (pip.conf), else nothing
+# The value pip itself would use for option $2 (cert, index-url): the environment variable $1,
+# else the last of pip's configuration files that sets it (`pip config list` lists them in
+# pip's order of precedence; `pip config get` reads only one file).
+pip_setting() {
     local value=${!1:-}
     if [ -z "$value" ]; then
-        value=$("$BIN/python" -m pip config get "$2" 2>/dev/null || true)
+        value=$("$BIN/python" -m pip config list 2>/dev/null \
+            | sed -n "s/^\(global\|install\|:env:\)\.$2='\(.*\)'\$/\2/p" | tail -n 1)
     fi
     echo "$value"
 }
@@ -43,12 +47,12 @@ args=(
     # The commit's time, not the build's: rebuilding the same commit gives the same label.
     --build-arg "CREATED=$(git log -1 --format=%cI 2>/dev/null || echo unknown)"
 )
-index=$(pip_setting PIP_INDEX_URL global.index-url)
+index=$(pip_setting PIP_INDEX_URL index-url)
 case "$index" in
     # Only an index the build can reach: a local file:// index is not inside the build.
     http://* | https://*) args+=(--build-arg "PIP_INDEX_URL=$index") ;;
 esac
-ca=${KSZ_PIP_CA:-$(pip_setting PIP_CERT global.cert)}
+ca=${KSZ_PIP_CA:-$(pip_setting PIP_CERT cert)}
 if [ -n "$ca" ]; then
     [ -r "$ca" ] || { echo "CA bundle $ca is not readable" >&2; exit 1; }
     args+=(--secret "id=pip-ca,src=$ca")

@@ -7,6 +7,8 @@
 # missing and cannot be installed here (not root, or no apt-get): tests/test_image.py skips then.
 set -euo pipefail
 
+# runc and debootstrap live in /usr/sbin, which is not on every user's PATH.
+export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 declare -A package=([buildah]=buildah [podman]=podman [runc]=runc [debootstrap]=debootstrap)
 missing=()
 for tool in buildah podman runc debootstrap; do
