@@ -10,9 +10,9 @@ build secret (deploy/image/build.sh = ``make image``, SBOM included).
 Every container runs with the hardened flags of docs/container.md: read-only root, tmpfs /tmp,
 no capabilities, no-new-privileges, no network but its own loopback, explicit ulimits; podman
 with runc and cgroupfs (no systemd here). ``ksz-proxy run`` is PID 1 of its container with the
-config mounted; the fake KSZ (tests/image_fakes.py, the sandbox's fakes from the image itself)
-runs in a second container that joins the proxy's network namespace, and calls are made from
-there with ``podman exec``: nothing crosses a real network.
+config mounted; the fake KSZ (tests/support/image_fakes.py: the sandbox's fakes from the image
+itself) runs in a second container that joins the proxy's network namespace, and calls are made
+from there with ``podman exec``: nothing crosses a real network.
 
 The tests skip, saying why, only where no container can run at all (not root and no rootless
 podman, or tools missing with no way to install them).
@@ -38,7 +38,7 @@ import pytest
 
 from proxy import __version__
 from proxy.sandbox.pki import CertificateAuthority
-from tests import image_fakes
+from tests.support import image_fakes
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 UID: Final = 10001
