@@ -20,6 +20,7 @@ podman, or tools missing with no way to install them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -410,8 +411,15 @@ def test_run_as_pid_1_serves_a_call_is_healthy_and_drains_on_sigterm(pair: Pair)
     assert "drain time over" not in logs.stdout + logs.stderr
 
 
-def test_no_container_of_the_tests_is_left() -> None:
+def test_no_container_or_process_of_the_tests_is_left() -> None:
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed")
     names = _must([*PODMAN, "ps", "--all", "--format", "{{.Names}}"])
     assert "ksz-proxy-image-test-" not in names
+    # Nor a conmon or `podman exec` still naming one of them (conmon carries the name).
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"ksz-proxy-image-test-" in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+    assert left == []

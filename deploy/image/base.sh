@@ -33,7 +33,7 @@ case "$BASE" in
     */*) NAME=docker.io/$BASE ;;
     *) NAME=docker.io/library/$BASE ;;
 esac
-CACHE=${KSZ_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ksz-proxy}/base
+CACHE=${KSZ_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/ksz-proxy}/base
 TARBALL=$CACHE/$SUITE-minbase-$KEY.tar.gz
 
 if [ "$(buildah inspect --type image --format '{{index .OCIv1.Config.Labels "ksz-proxy.stand-in"}}' \

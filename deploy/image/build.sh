@@ -60,7 +60,11 @@ fi
 
 echo "+ buildah bud ${args[*]} ."
 start=$(date +%s)
-buildah bud "${args[@]}" .
+buildah bud "${args[@]}" . || {
+    echo "buildah bud failed. Where Docker Hub is out of reach, \`make image-base\` first makes a" \
+        "stand-in for the base image (docs/container.md)." >&2
+    exit 1
+}
 echo "built $IMAGE in $(($(date +%s) - start)) s"
 
 # The SBOM of the image's Python environment: exactly what requirements.lock pins (the build
