@@ -100,30 +100,27 @@ class Image:
         )
 
 
-def _script(name: str, timeout: float, env: dict[str, str] | None = None) -> None:
+def _script(name: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run deploy/image/<name>; its time shows with ``pytest -s``. Exit 3: cannot run here."""
     started = time.monotonic()
-    done = _run(["bash", f"deploy/image/{name}"], cwd=ROOT, timeout=timeout, env=env)
+    done = _run(["bash", f"deploy/image/{name}"], cwd=ROOT, timeout=900, env=env)
     print(f"deploy/image/{name}: exit {done.returncode} in {time.monotonic() - started:.0f} s")
+    if done.returncode == 3:
+        pytest.skip(f"deploy/image/{name}: {done.stderr.strip()}")
     assert done.returncode == 0, f"deploy/image/{name}\n{done.stdout}\n{done.stderr}"
+    return done
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
-    done = _run(["bash", "deploy/image/tools.sh"], cwd=ROOT, timeout=900)
-    if done.returncode == 3:
-        pytest.skip(f"no container tools: {done.stderr.strip()}")
-    assert done.returncode == 0, f"deploy/image/tools.sh\n{done.stderr}"
+    _script("tools.sh")  # exit 3: tools missing and no way to install them (not root)
     if os.geteuid() != 0:
         rootless = _run(["podman", "info"], timeout=60)
         if rootless.returncode != 0:
             pytest.skip(f"not root and no rootless podman: {rootless.stderr.strip()[-300:]}")
-    done = _run(["bash", "deploy/image/base.sh"], cwd=ROOT, timeout=600)
-    if done.returncode == 3:
-        pytest.skip(f"no base image: {done.stderr.strip()}")
-    assert done.returncode == 0, f"deploy/image/base.sh\n{done.stdout}\n{done.stderr}"
+    _script("base.sh")  # exit 3: not root and no base image in the user's storage
     dist = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "VENV": sys.prefix, "KSZ_IMAGE_DIST": str(dist)}
-    _script("build.sh", timeout=600, env=env)
+    _script("build.sh", env={**os.environ, "VENV": sys.prefix, "KSZ_IMAGE_DIST": str(dist)})
     return Image(
         name=f"localhost/ksz-proxy:{__version__}", sbom=dist / f"ksz-proxy-{__version__}.cdx.json"
     )
