@@ -9,8 +9,9 @@
 #   podman build --format docker -t "ksz-proxy:$VERSION" --build-arg VERSION="$VERSION" .
 #
 # buildah and podman build OCI images by default, and the OCI format has no HEALTHCHECK: they
-# drop it silently unless given `--format docker`. VERSION must be the package's version
-# (proxy/__init__.py): the build checks it, so the label cannot disagree with the code.
+# drop it silently unless given `--format docker`. VERSION labels the image and must be the
+# package's version (proxy/__init__.py): the build refuses any other, so the label cannot
+# disagree with the code; without it the label says "unknown".
 # Behind a TLS-inspecting proxy or with a private package index, add
 #   --build-arg PIP_INDEX_URL=https://pypi.example/simple --secret id=pip-ca,src=/path/to/ca.pem
 # (the CA bundle is mounted for the pip step only and never stored in a layer).
@@ -18,6 +19,7 @@
 #   docker run --read-only --tmpfs /tmp:size=4m --cap-drop ALL \
 #     --security-opt no-new-privileges --stop-timeout 30 \
 #     -v ./ksz-proxy.toml:/etc/ksz-proxy/ksz-proxy.toml:ro \
+#     --ulimit nofile=4096:4096 --ulimit nproc=512:512 \
 #     -v ./secrets:/run/secrets:ro "ksz-proxy:$VERSION"
 #
 # The image runs with a read-only root filesystem. The only file `ksz-proxy run` writes is a
@@ -70,26 +72,26 @@ RUN --mount=type=secret,id=pip-ca \
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 # The wheel is built offline with the locked backend; `pip check` proves the lock satisfies the
-# package's own requirements. VERSION (the label below) must be the package's version.
-ARG VERSION
+# package's own requirements. VERSION (the label below), when given, must be the package's.
+ARG VERSION=
 RUN /opt/build/bin/python -m pip wheel --no-build-isolation --no-deps --no-index \
        --wheel-dir /dist . \
     && /opt/build/bin/python -m pip --python /opt/ksz-proxy/bin/python install --no-deps \
        --no-index /dist/*.whl \
     && /opt/build/bin/python -m pip --python /opt/ksz-proxy/bin/python check \
     && actual="$(/opt/ksz-proxy/bin/ksz-proxy --version)" \
-    && if [ "$actual" != "ksz-proxy ${VERSION}" ]; then \
-         echo "--build-arg VERSION=${VERSION} but the package says: $actual" >&2; exit 1; \
+    && if [ -n "$VERSION" ] && [ "$actual" != "ksz-proxy $VERSION" ]; then \
+         echo "--build-arg VERSION=$VERSION but the package says: $actual" >&2; exit 1; \
        fi
 
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
-ARG VERSION
+ARG VERSION=
 ARG REVISION=unknown
 ARG CREATED=unknown
 LABEL org.opencontainers.image.title="ksz-proxy" \
       org.opencontainers.image.description="Local authenticating sidecar for the KSZ-BCSS REST APIs (OAuth2 client credentials with a JWT client assertion)." \
-      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.version="${VERSION:-unknown}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0" \

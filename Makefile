@@ -48,12 +48,13 @@ lock: $(STAMP)
 
 # The container image with buildah (docs/container.md): ksz-proxy:<version> in the local
 # container storage and its CycloneDX SBOM in dist/. Installs buildah/podman/runc/debootstrap
-# from Debian when missing (as root).
+# from Debian when missing (as root). IMAGE_ARGS: more `buildah bud` options, e.g.
+# IMAGE_ARGS='--build-arg BASE_IMAGE=python:3.13-slim-trixie@sha256:...'.
 image-tools:
 	bash deploy/image/tools.sh
 
 image: $(STAMP) image-tools
-	VENV=$(VENV) bash deploy/image/build.sh
+	VENV=$(VENV) bash deploy/image/build.sh $(IMAGE_ARGS)
 
 # Where Docker Hub is out of reach: a stand-in for the Dockerfile's base image, from debootstrap.
 image-base: image-tools

@@ -175,6 +175,21 @@ def test_image_metadata_user_and_version(image: Image) -> None:
     assert (done.returncode, done.stdout.strip()) == (0, f"ksz-proxy {__version__}")
 
 
+def test_the_build_refuses_a_version_label_other_than_the_package(
+    image: Image, tmp_path: Path
+) -> None:
+    # Same script, same cached layers; a later --build-arg overrides build.sh's own.
+    env = {**os.environ, "VENV": sys.prefix, "KSZ_IMAGE_DIST": str(tmp_path)}
+    env["KSZ_IMAGE"] = "localhost/ksz-proxy:version-refused"
+    argv = ["bash", "deploy/image/build.sh", "--target", "build", "--build-arg", "VERSION=0.0.0"]
+    done = _run(argv, cwd=ROOT, timeout=600, env=env)
+    assert done.returncode == 1
+    said = done.stdout + done.stderr
+    assert f"--build-arg VERSION=0.0.0 but the package says: ksz-proxy {__version__}" in said
+    assert _run([*PODMAN, "image", "exists", env["KSZ_IMAGE"]], timeout=60).returncode == 1
+    assert list(tmp_path.iterdir()) == []  # no SBOM for an image that was not built
+
+
 def test_sandbox_demo_runs_in_the_hardened_image(image: Image) -> None:
     done = image.run("ksz-proxy", "sandbox", "--demo", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

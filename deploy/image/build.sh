@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Build the container image with buildah (no daemon), and its SBOM next to it (`make image`).
 #
-#   deploy/image/build.sh            -> image ksz-proxy:<version> in the local container storage,
-#                                       SBOM dist/ksz-proxy-<version>.cdx.json
+#   deploy/image/build.sh [buildah bud options]
+#       -> image ksz-proxy:<version> in the local container storage,
+#          SBOM dist/ksz-proxy-<version>.cdx.json
+#
+# Options given are added after this script's own (make image IMAGE_ARGS='...'), for example
+# --build-arg BASE_IMAGE=python:3.13-slim-trixie@sha256:... to build on a pinned base.
 #
 # --format docker: buildah's default OCI format has no HEALTHCHECK and would drop it silently.
 # --isolation chroot: RUN steps need no container runtime, user namespaces or cgroups.
@@ -41,6 +45,7 @@ args=(
     --format docker
     --isolation chroot
     --layers
+    --force-rm # a failed build leaves no working container behind either
     --tag "$IMAGE"
     --build-arg "VERSION=$VERSION"
     --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
@@ -57,6 +62,8 @@ if [ -n "$ca" ]; then
     [ -r "$ca" ] || { echo "CA bundle $ca is not readable" >&2; exit 1; }
     args+=(--secret "id=pip-ca,src=$ca")
 fi
+
+args+=("$@")
 
 echo "+ buildah bud ${args[*]} ."
 start=$(date +%s)
