@@ -73,6 +73,10 @@ buildah bud "${args[@]}" . || {
     exit 1
 }
 echo "built $IMAGE in $(($(date +%s) - start)) s"
+# Earlier builds of this image that the new one untagged: remove them (the layer cache stays).
+stale=$(buildah images --quiet --filter dangling=true \
+    --filter label=org.opencontainers.image.title=ksz-proxy)
+[ -z "$stale" ] || buildah rmi $stale >/dev/null || true
 
 # The SBOM of the image's Python environment: exactly what requirements.lock pins (the build
 # installs it with --require-hashes), with ksz-proxy itself as the described component.
