@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
 from proxy import __version__
 from proxy.sandbox.pki import CertificateAuthority
@@ -209,13 +211,18 @@ def test_installed_packages_match_the_lock_and_the_sbom(image: Image) -> None:
     # Exactly the lock and the package itself: no pip, no build backend, nothing unlocked.
     assert installed == {**lock, "ksz-proxy": __version__}
 
-    sbom = json.loads(image.sbom.read_text(encoding="utf-8"))
-    assert sbom["bomFormat"] == "CycloneDX"
+    text = image.sbom.read_text(encoding="utf-8")
+    # Valid CycloneDX 1.6 also after build.sh named the root's version and dependencies.
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    sbom = json.loads(text)
+    assert (sbom["bomFormat"], sbom["specVersion"]) == ("CycloneDX", "1.6")
     root = sbom["metadata"]["component"]
     assert (root["name"], root["version"]) == ("ksz-proxy", __version__)
     components = {_normal(c["name"]): c["version"] for c in sbom["components"]}
     assert components == lock
     assert all(c["purl"].startswith("pkg:pypi/") for c in sbom["components"])
+    [root_deps] = [d for d in sbom["dependencies"] if d["ref"] == root["bom-ref"]]
+    assert len(root_deps["dependsOn"]) == len(lock)
 
 
 @dataclass(slots=True)
