@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint deploy-check test-tools demo sandbox bench clean
+.PHONY: test lint deploy-check test-tools demo sandbox bench clean lock image image-base image-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ksz-proxy needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -47,6 +47,30 @@ sandbox: $(STAMP)
 # minutes, `make bench BENCH_ARGS=--quick` about 2. Not part of `make test`.
 bench: $(STAMP)
 	VENV=$(VENV) bash bench/run.sh $(BENCH_ARGS)
+
+# The hashed lock files the image installs with --require-hashes: the runtime dependencies from
+# pyproject.toml, and the build backend pinned in its [build-system]. Resolved for the image's
+# Python (3.13, Linux) whatever Python runs this; every wheel's hash is kept, for any machine.
+LOCK_FLAGS = --generate-hashes --python-version 3.13 --python-platform linux \
+	--custom-compile-command 'make lock' --quiet
+lock: $(STAMP)
+	$(BIN)/uv pip compile $(LOCK_FLAGS) --upgrade pyproject.toml -o requirements.lock
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(BIN)/uv pip compile $(LOCK_FLAGS) --upgrade - -o requirements-build.lock
+
+# The container image with buildah (docs/container.md): ksz-proxy:<version> in the local
+# container storage and its CycloneDX SBOM in dist/. Installs buildah/podman/runc/debootstrap
+# from Debian when missing (as root). IMAGE_ARGS: more `buildah bud` options, e.g.
+# IMAGE_ARGS='--build-arg BASE_IMAGE=python:3.13-slim-trixie@sha256:...'.
+image-tools:
+	bash deploy/image/tools.sh
+
+image: $(STAMP) image-tools
+	VENV=$(VENV) bash deploy/image/build.sh $(IMAGE_ARGS)
+
+# Where Docker Hub is out of reach: a stand-in for the Dockerfile's base image, from debootstrap.
+image-base: image-tools
+	bash deploy/image/base.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -474,7 +474,17 @@ def test_dockerfile_contract() -> None:
     ]
     # Only the package and its metadata enter the image: never a config or key material.
     copied = [rest for word, rest in build if word == "COPY"]
-    assert copied == ["pyproject.toml README.md ./", "proxy ./proxy"]
+    assert copied == [
+        "requirements.lock requirements-build.lock ./",
+        "pyproject.toml README.md ./",
+        "proxy ./proxy",
+    ]
+    # What is fetched is hash-checked against the locks (tests/test_image.py compares the
+    # result); the package's own wheel is then built and installed offline.
+    [fetch] = [rest for word, rest in build if word == "RUN" and "-r requirements.lock" in rest]
+    assert fetch.count("--require-hashes") == fetch.count(" -r ") == 2
+    offline = [rest for word, rest in build if word == "RUN" and rest != fetch]
+    assert all(rest.count("--no-index") == 2 for rest in offline if " pip " in rest)
     argv = healthcheck_command()
     assert argv[:2] == ["python", "-c"]
     assert "http://127.0.0.1:9090/livez" in argv[2]
@@ -488,7 +498,13 @@ def test_dockerignore_is_an_allow_list() -> None:
     ]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "proxy"}
+    assert allowed == {
+        "pyproject.toml",
+        "requirements.lock",
+        "requirements-build.lock",
+        "README.md",
+        "proxy",
+    }
     for pattern in ("**/*.p12", "**/*.pfx", "**/*.key", "**/*.pem"):
         assert pattern in lines
 
