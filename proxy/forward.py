@@ -2,8 +2,8 @@
 
 The rules (the inbound policy in ``inbound.py`` has already accepted the request):
 
-- the target is sent byte-exact: ``<route upstream><raw path and query>``, never rebuilt from a
-  decoded path (``yarl.URL(..., encoded=True)``);
+- the target is sent byte-exact: ``<route upstream path><raw path and query>``, never rebuilt
+  from a decoded path (the upstream client writes it as given: ``upstream_client.py``);
 - the body is framed afresh with the same bytes: ``Content-Length`` when the caller sent one,
   chunked otherwise; bodies up to ``upstream.replay_max_bytes`` are buffered so that an upstream
   401 can be answered by one fresh token and one resend; larger bodies stream through with
@@ -18,31 +18,26 @@ The rules (the inbound policy in ``inbound.py`` has already accepted the request
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Final
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
-from proxy._aiohttp import disable_connection_retry
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
 from proxy.errors import RequestRejected, UpstreamError, UpstreamTimeout
 from proxy.headers import downstream_response_headers, upstream_request_headers
 from proxy.tls import client_context
 from proxy.tokens import Token, TokenProvider
+from proxy.upstream_client import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("ksz_proxy.forward")
 
 CHUNK: Final = 64 * 1024
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
-# Headers aiohttp's client would add on its own; the caller's own values (or none) go upstream.
-_SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 @dataclass(slots=True)
@@ -61,32 +56,23 @@ class Exchange:
     retried: bool = False
 
 
-def make_session(config: Config, credentials: Credentials) -> aiohttp.ClientSession:
-    """Return the upstream session: verified TLS, pooled, no proxy variables, no decompression."""
+def make_session(config: Config, credentials: Credentials) -> UpstreamClient:
+    """Return the upstream client: verified TLS, pooled, no proxy variables, no decompression.
+
+    Used as ``async with``; it closes its connections on the way out.
+    """
     upstream = config.upstream
     context = client_context(
         upstream.ca_file,
         client_credentials=credentials if upstream.client_certificate else None,
     )
-    connector = aiohttp.TCPConnector(
-        ssl=context, limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=60
+    return UpstreamClient(
+        ssl_context=context,
+        max_connections=upstream.max_connections,
+        connect_timeout_s=upstream.connect_timeout_s,
+        read_timeout_s=upstream.read_timeout_s,
+        total_timeout_s=upstream.total_timeout_s,
     )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        trust_env=False,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-        raise_for_status=False,
-        timeout=aiohttp.ClientTimeout(
-            total=upstream.total_timeout_s,
-            sock_connect=upstream.connect_timeout_s,
-            sock_read=upstream.read_timeout_s,
-        ),
-    )
-    # A resend after a reset connection would send a streamed body empty: see _aiohttp.py.
-    disable_connection_retry(session)
-    return session
 
 
 class _BodyAborted(Exception):
@@ -99,8 +85,7 @@ class _Body:
 
     buffered: bytes
     rest: AsyncIterator[bytes] | None
-    # Set when the streamed rest broke a limit; aiohttp wraps the generator's exception, so the
-    # answer to give is kept here rather than read back from the wrapper.
+    # Set when the streamed rest broke a limit: the answer to give the caller.
     aborted: RequestRejected | None = None
 
     @property
@@ -111,11 +96,9 @@ class _Body:
 class Forwarder:
     """Forward requests for the proxy listener; one instance per application."""
 
-    def __init__(
-        self, config: Config, tokens: TokenProvider, session: aiohttp.ClientSession
-    ) -> None:
+    def __init__(self, config: Config, tokens: TokenProvider, session: UpstreamClient) -> None:
         self._tokens = tokens
-        self._session = session
+        self._client = session
         self._max_body = config.listen.max_body_bytes
         self._replay_max = config.upstream.replay_max_bytes
         self._body_timeout_s = config.listen.body_read_timeout_s
@@ -130,7 +113,7 @@ class Forwarder:
         token = await self._tokens.get(route.scopes)
         body = await self._read_start(request, declared)
         exchange.bytes_in = len(body.buffered)
-        url = URL(route.upstream + request.raw_path, encoded=True)
+        url = route.upstream
 
         upstream = await self._send(request, url, token, body, declared, trace_id, exchange)
         if upstream.status == 401:
@@ -199,20 +182,18 @@ class Forwarder:
     async def _send(
         self,
         request: web.BaseRequest,
-        url: URL,
+        url: str,
         token: Token,
         body: _Body,
         declared: int | None,
         trace_id: str,
         exchange: Exchange,
-    ) -> aiohttp.ClientResponse:
-        data: bytes | io.BytesIO | AsyncIterator[bytes] | None
+    ) -> UpstreamResponse:
+        data: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
             data, length = None, None
         elif body.rest is None:
-            # aiohttp writes a bytes body in one go and warns above 1 MiB (an error where
-            # warnings are errors); a BytesIO is written in chunks, and is made afresh per send.
-            data, length = io.BytesIO(body.buffered), len(body.buffered)
+            data, length = body.buffered, len(body.buffered)
         else:
             # The same framing the caller used: its Content-Length, or chunked when it had none.
             data, length = _counted(_chain(body.buffered, body.rest), exchange), declared
@@ -223,16 +204,16 @@ class Forwarder:
             content_length=length,
         )
         try:
-            return await self._session.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False
+            return await self._client.request(
+                request.method, url, request.raw_path, headers, data, length
             )
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, _BodyAborted) as exc:
+        except (UpstreamError, TimeoutError, ssl.SSLError, OSError, _BodyAborted) as exc:
             if body.aborted is not None:
                 raise body.aborted from None
             raise translate(exc) from None
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
+        self, request: web.BaseRequest, upstream: UpstreamResponse, exchange: Exchange
     ) -> web.StreamResponse:
         """Stream the upstream answer to the caller; on a fault mid-body, cut the connection."""
         response: web.StreamResponse | None = None
@@ -244,7 +225,7 @@ class Forwarder:
                 # write: one send system call per request instead of two (headers, then body).
                 # Nothing has reached the caller before the body is complete, so a fault while
                 # reading it is answered like any upstream fault rather than by a cut.
-                whole = await upstream.content.read()
+                whole = await upstream.read()
                 response = web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
@@ -266,18 +247,23 @@ class Forwarder:
             await _to_caller(response.prepare(request))
             exchange.status_sent = upstream.status
             if not no_body:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
+                while chunk := await upstream.read_chunk():
                     exchange.bytes_out += len(chunk)
                     await _to_caller(response.write(chunk))
             await _to_caller(response.write_eof())
             return response
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the caller's connection is lost: whether that
+            # shows first as a failed write or as this cancellation is a matter of timing.
+            exchange.caller_gone = True
+            raise
         except _CallerGone:
             # The caller went away mid-answer: not an upstream fault, and nothing to answer.
             exchange.caller_gone = True
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (UpstreamError, TimeoutError, OSError, _BodyAborted) as exc:
             error = translate(exc)
             exchange.upstream_error = error.reason
             if response is not None and response.prepared:
@@ -321,22 +307,14 @@ async def _counted(body: AsyncIterator[bytes], exchange: Exchange) -> AsyncItera
 
 
 def translate(exc: BaseException) -> UpstreamError:
-    """Translate a transport fault into an ``UpstreamError``; the only such edge upstream."""
+    """Return ``exc`` as an ``UpstreamError``: the client's own, or one for a stray fault."""
+    if isinstance(exc, UpstreamError):
+        return exc
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout()
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return UpstreamError("The upstream host name does not resolve.", reason="dns")
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+    if isinstance(exc, ssl.SSLError):
         return UpstreamError("The TLS handshake with the upstream failed.", reason="tls")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("The upstream refused or dropped the connection.", reason="connect")
-    if isinstance(
-        exc,
-        aiohttp.ServerDisconnectedError
-        | aiohttp.ClientOSError
-        | aiohttp.ClientPayloadError
-        | ConnectionError,
-    ):
+    if isinstance(exc, ConnectionError | OSError | _BodyAborted):
         return UpstreamError("The upstream connection was reset.", reason="reset")
     return UpstreamError("The upstream answer could not be read.", reason="protocol")
 

@@ -245,7 +245,6 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self._head_done = True
         if self._head:
-            self.content_length = None
             raise _Interim
 
     def on_body(self, body: bytes) -> None:
@@ -368,7 +367,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
-        self.close()
+        self.close(abort=True)
         self._wake()
 
     def finish(self) -> None:
@@ -388,10 +387,14 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
+        """Close the connection: a TLS close_notify first, unless the peer broke the protocol."""
         self.closed = True
         if self.transport is not None:
-            self.transport.abort()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
         self._client.forget(self)
 
 
@@ -473,6 +476,12 @@ class UpstreamClient:
         except BaseException:
             conn.finish()
             raise
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         """Close every connection."""
