@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # An answer: bytes to send (then keep the connection), or what to do instead.
-Answer = bytes | Literal["close", "hang", "close_after"]
+Answer = bytes | Literal["close", "hang"]
 
 
 @dataclass(slots=True)
@@ -24,7 +24,7 @@ class Seen:
 
 @dataclass(slots=True)
 class RawUpstream:
-    """Answer every request with ``script(head)``; ``close_after`` = send, then close."""
+    """Answer every request with ``script(head)``: bytes to send, or close, or hang."""
 
     server_ssl: ssl.SSLContext | None
     script: Callable[[bytes], Answer] = lambda head: (
@@ -33,6 +33,7 @@ class RawUpstream:
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
     read_body: bool = True
+    close_after_answer: bool = False  # close once the answer is out (close-delimited bodies)
     port: int = 0
     tail: bytes = b""  # sent right after every answer (an appended answer, a body on 204)
     _server: asyncio.Server | None = None
@@ -80,8 +81,12 @@ class RawUpstream:
                 if isinstance(answer, bytes):
                     writer.write(answer + self.tail)
                     await writer.drain()
+                    if self.close_after_answer:
+                        writer.close()
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(writer.wait_closed(), 1)
+                        return
                     continue
-                return  # "close_after" is spelt as bytes with a closing script
         except (ConnectionError, ssl.SSLError):
             return
         finally:
