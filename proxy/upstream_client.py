@@ -449,33 +449,24 @@ class UpstreamClient:
         head = _head(method, origin, target, headers, chunked, body is None)
         deadline = asyncio.get_running_loop().time() + self._total_timeout_s
         resendable = body is None and method in _RESENDABLE
-        try:
-            async with asyncio.timeout_at(deadline):
-                conn = await self._acquire(origin)
-        except TimeoutError:
-            raise UpstreamTimeout() from None
-        try:
-            return await conn.exchange(method, head, body, chunked, deadline)
-        except _Stale:
-            conn.finish()
-            if not resendable:
-                raise _error("reset") from None
-        except BaseException:
-            conn.finish()
-            raise
-        try:
-            async with asyncio.timeout_at(deadline):
-                conn = await self._acquire(origin, fresh=True)
-        except TimeoutError:
-            raise UpstreamTimeout() from None
-        try:
-            return await conn.exchange(method, head, body, chunked, deadline)
-        except _Stale:
-            conn.finish()
-            raise _error("reset") from None
-        except BaseException:
-            conn.finish()
-            raise
+        for fresh in (False, True):
+            conn = None if fresh else self._take_idle(origin)
+            if conn is None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        conn = await self._acquire(origin, fresh=fresh)
+                except TimeoutError:
+                    raise UpstreamTimeout() from None
+            try:
+                return await conn.exchange(method, head, body, chunked, deadline)
+            except _Stale:
+                conn.finish()
+                if fresh or not resendable:
+                    raise _error("reset") from None
+            except BaseException:
+                conn.finish()
+                raise
+        raise _error("reset")  # not reached: the second round returns or raises
 
     async def __aenter__(self) -> UpstreamClient:
         return self
@@ -500,14 +491,20 @@ class UpstreamClient:
             origin = self._origins[upstream] = _parse_origin(upstream)
         return origin
 
+    def _take_idle(self, origin: _Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()  # LIFO: the warmest connection, the least likely to be closed
+            if not conn.closed and time.monotonic() - conn.idle_since < self._idle_s:
+                return conn
+            conn.close()
+        return None
+
     async def _acquire(self, origin: _Origin, *, fresh: bool = False) -> _Connection:
         while True:
-            idle = self._idle.get(origin)
-            while idle and not fresh:
-                conn = idle.pop()  # LIFO: the warmest connection, the least likely to be closed
-                if not conn.closed and time.monotonic() - conn.idle_since < self._idle_s:
-                    return conn
-                conn.close()
+            conn = None if fresh else self._take_idle(origin)
+            if conn is not None:
+                return conn
             if len(self._open) + self._connecting < self._limit or self._evict_one():
                 break
             waiter = asyncio.get_running_loop().create_future()
