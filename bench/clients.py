@@ -6,7 +6,7 @@ The candidates are installed into a virtual environment of their own, never the 
     /tmp/clients-venv/bin/pip install -e . aiosonic pyreqwest curl-cffi httpr trustme
     /tmp/clients-venv/bin/python bench/clients.py [--seconds 3] [--rounds 3] [-c 32]
 
-For each client, first the criteria (against tests/rawupstream.py, a scripted HTTPS upstream
+For each client, first the criteria (against tests/support/rawupstream.py, a scripted HTTPS upstream
 answering the exact bytes it is given): the request line and headers as sent byte-exact with
 nothing added, a redirect returned, a gzip body kept, and the malformed answers refused. Then, in
 a process of its own per client and round, ``-c`` concurrent GETs of the bench's small document
@@ -165,7 +165,7 @@ async def criteria(name: str) -> dict[str, Any]:
     """Run the criteria for one client; return what passed and what it saw."""
     import trustme
 
-    from tests.rawupstream import RawUpstream, answer
+    from tests.support.rawupstream import RawUpstream, answer
 
     ca = trustme.CA()
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

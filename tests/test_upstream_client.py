@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.upstream_client import EgressProxy, UpstreamClient, UpstreamResponse
-from tests.rawupstream import Answer, RawUpstream, answer
+from tests.support.rawupstream import Answer, RawUpstream, answer
 
 
 def make_client(context: ssl.SSLContext, **kwargs: Any) -> UpstreamClient:

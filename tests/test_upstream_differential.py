@@ -26,7 +26,7 @@ from yarl import URL
 from proxy.errors import UpstreamError
 from proxy.headers import downstream_response_headers
 from proxy.upstream_client import UpstreamClient
-from tests.rawupstream import RawUpstream
+from tests.support.rawupstream import RawUpstream
 
 # What the caller would see: status, passed-on headers and body; or "refused".
 Outcome = tuple[int, tuple[tuple[str, str], ...], bytes] | str
