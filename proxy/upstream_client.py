@@ -99,7 +99,7 @@ class UpstreamResponse:
     __slots__ = ("_conn", "content_length", "headers", "reason", "status")
 
     def __init__(self, conn: _Connection) -> None:
-        self._conn = conn
+        self._conn: _Connection | None = conn
         self.status = conn.status
         self.reason = conn.reason
         self.headers = conn.headers
@@ -107,18 +107,22 @@ class UpstreamResponse:
 
     async def read_chunk(self) -> bytes:
         """Return the next body bytes, ``b""`` at the end of the body."""
+        if self._conn is None:
+            raise _error("reset")  # released: the connection may serve another request now
         return await self._conn.read_chunk()
 
     async def read(self) -> bytes:
         """Return the whole body (for answers known to be small)."""
         parts = []
-        while chunk := await self._conn.read_chunk():
+        while chunk := await self.read_chunk():
             parts.append(chunk)
         return b"".join(parts)
 
     def release(self) -> None:
         """Give the connection back when the answer was read whole; otherwise close it."""
-        self._conn.finish()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.finish()
 
 
 class _Connection(asyncio.Protocol):

@@ -579,3 +579,17 @@ async def test_a_kept_alive_connection_closing_first_resends_only_bodiless_idemp
                 assert caught.value.reason == "reset"
     assert upstream.connections == (2 if resent else 1)
     assert len(upstream.seen) == (3 if resent else 2)
+
+
+async def test_a_released_answer_can_neither_be_read_nor_release_the_next_one(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    async with RawUpstream(server_ssl) as upstream, client_for(client_ssl) as client:
+        first, _ = await get(client, upstream)
+        second = await client.request("GET", upstream.origin, "/x", CIMultiDict())
+        first.release()  # again: must not touch the connection the second answer now uses
+        with pytest.raises(UpstreamError):
+            await first.read_chunk()
+        assert await second.read() == b"ok"
+        second.release()
+    assert upstream.connections == 1
