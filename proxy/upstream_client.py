@@ -479,13 +479,16 @@ class UpstreamClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection; return once their transports are gone."""
         self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self._open):
-            conn.close()
+            conn.close(abort=True)  # nothing is in flight any more: no TLS goodbye needed
         self._idle.clear()
+        # The transports release their sockets on the next turns of the loop.
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     # -- the pool ------------------------------------------------------------------------------
 
