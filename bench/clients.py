@@ -77,7 +77,7 @@ async def make_client(name: str, ca_file: str) -> tuple[Fetch, Callable[[], Awai
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
-        session._retry_connection = False  # as proxy/forward.py
+        session._retry_connection = False  # as proxy/forward.py had it before the own client
 
         async def fetch_aiohttp(origin: str, target: str, headers: list[tuple[str, str]]) -> Any:
             url = URL(origin + target, encoded=True)

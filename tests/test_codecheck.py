@@ -4,7 +4,7 @@
 - SECURITY 19, 20, 21: no code under ``proxy/`` switches TLS verification off, trusts proxy
   variables or follows redirects (aiohttp follows them by default, so every session call outside
   ``proxy/sandbox/``, which sends no token out, must say ``allow_redirects=False``); the upstream
-  session keeps aiohttp's own resend switched off;
+  client reads no proxy variable and decodes nothing;
 - SECURITY 22, 23: no log call formats a value with its repr (``%r``, ``repr()``, ``!r``), which
   for an aiohttp client error can carry the Authorization header;
 - SECURITY 5: the shared secret is compared with ``hmac.compare_digest`` only;
