@@ -475,6 +475,47 @@ async def test_an_egress_proxy_refusing_the_tunnel_is_a_proxy_failure(
     assert upstream.seen == []
 
 
+async def test_tunnels_are_pooled_per_proxy_and_origin(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    # One client, one origin, reached directly and through two proxies: three pools, each
+    # connection kept alive and reused by its own kind of request only.
+    async with (
+        RawUpstream(server_ssl) as upstream,
+        ConnectProxy(None) as first,
+        ConnectProxy("Basic b3RoZXI6eA==") as second,
+        client_for(client_ssl) as client,
+    ):
+        ways = [
+            None,
+            EgressProxy("127.0.0.1", first.port),
+            EgressProxy("127.0.0.1", second.port, "Basic b3RoZXI6eA=="),
+        ]
+        for _ in range(3):
+            for way in ways:
+                response, _ = await get(client, upstream, egress=way)
+                assert response.status == 200
+    assert len(first.heads) == 1
+    assert len(second.heads) == 1
+    assert upstream.connections == 3
+    assert [s.connection for s in upstream.seen] == [1, 2, 3] * 3
+
+
+async def test_an_unreachable_egress_proxy_is_a_proxy_failure(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    async with RawUpstream(server_ssl) as upstream, client_for(client_ssl) as client:
+        for host in ("127.0.0.1", "proxy.invalid"):
+            with pytest.raises(ProxyTunnelError) as caught:
+                await get(client, upstream, egress=EgressProxy(host, port))
+            assert (caught.value.reason, caught.value.proxy_status) == ("proxy", None)
+    assert upstream.connections == 0
+
+
 # -- timeouts, faults and the pool ----------------------------------------------------------------
 
 
