@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-import aiohttp
 from aiohttp import http_parser, web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
@@ -32,15 +31,6 @@ def check_c_parser() -> None:
             "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp was "
             "installed without its compiled extension); ksz-proxy refuses the Python fallback"
         )
-
-
-def disable_connection_retry(session: aiohttp.ClientSession) -> None:
-    """Switch off aiohttp's silent resend of idempotent requests after a reset connection."""
-    # Why: aiohttp resends GET/HEAD/OPTIONS/TRACE/PUT/DELETE once after a reset connection. A
-    # resend of a streamed body would go out empty, and a transport fault is never retried here.
-    # No public setting exists; ClientSession._retry_connection is read in _request.
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
 
 
 def forget_interim_output(writer: Any) -> None:

@@ -27,8 +27,10 @@ description (``describe``) never shows them. The decision for a destination is a
 ``oauth.proxy`` for the authorization server) whose ``proxy`` (``ProxyServer``: host, port,
 authorization) any HTTP client can use: connect to ``host:port``, send ``CONNECT
 <destination host>:<port>`` with ``Proxy-Authorization: <authorization.reveal()>`` when set, then
-run TLS to the destination inside the tunnel. aiohttp's client gets the same as
-``request_options()``, and its failures are named by ``proxy_failure``.
+run TLS to the destination inside the tunnel. aiohttp's client (the token endpoint's) gets the
+same as ``request_options()``, and its failures are named by ``proxy_failure``; the upstream
+client (``upstream_client.py``) gets the proxy mapped to its ``EgressProxy`` by ``forward.py``,
+and the proxy's answer to its ``CONNECT`` is named by ``tunnel_failure``.
 """
 
 from __future__ import annotations
@@ -246,27 +248,36 @@ def proxy_failure(route: EgressRoute, exc: BaseException) -> ProxyFailure | None
     proxy = route.proxy
     if proxy is None:
         return None
-    where = f"the forward proxy {proxy.address}"
     if isinstance(exc, aiohttp.ClientHttpProxyError):
-        if exc.status in (401, 407):
-            return ProxyFailure(
-                reason="proxy_auth",
-                status=exc.status,
-                detail=f"{where} refused the credentials (HTTP {exc.status})",
-            )
-        return ProxyFailure(
-            reason="proxy",
-            status=exc.status,
-            detail=f"{where} refused the tunnel to {authority(route.host, route.port)} "
-            f"(CONNECT answered HTTP {exc.status})",
-        )
+        return tunnel_failure(route, exc.status)
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
-        return ProxyFailure(reason="proxy", status=None, detail=f"{where} is unreachable")
+        return tunnel_failure(route, None)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return ProxyFailure(
-            reason="proxy", status=None, detail=f"{where}: its host name does not resolve"
+            reason="proxy",
+            status=None,
+            detail=f"the forward proxy {proxy.address}: its host name does not resolve",
         )
     return None
+
+
+def tunnel_failure(route: EgressRoute, status: int | None) -> ProxyFailure:
+    """Return the proxy's fault when it answered ``CONNECT`` with ``status`` (None: no answer)."""
+    where = f"the forward proxy {route.proxy.address}" if route.proxy else "the forward proxy"
+    if status is None:
+        return ProxyFailure(reason="proxy", status=None, detail=f"{where} is unreachable")
+    if status in (401, 407):
+        return ProxyFailure(
+            reason="proxy_auth",
+            status=status,
+            detail=f"{where} refused the credentials (HTTP {status})",
+        )
+    return ProxyFailure(
+        reason="proxy",
+        status=status,
+        detail=f"{where} refused the tunnel to {authority(route.host, route.port)} "
+        f"(CONNECT answered HTTP {status})",
+    )
 
 
 # -- parsing (config.py calls these) --------------------------------------

@@ -14,6 +14,7 @@ The tree (``code`` is the reason code answers, logs and metrics carry)::
     ├── UpstreamError              the KSZ REST endpoint failed       (502)
     │   │                   code: upstream_dns | upstream_connect | upstream_tls
     │   │                         | upstream_reset | upstream_protocol | upstream_proxy
+    │   ├── ProxyTunnelError       the forward proxy opened no tunnel (502, upstream_proxy)
     │   └── UpstreamTimeout        ... or did not answer in time      (504, upstream_timeout)
     ├── RequestRejected            the caller's request is refused    (400, 403, 404, 405, ...)
     ├── NotReady                   not serving now: draining, no token yet, overloaded (503)
@@ -176,6 +177,18 @@ class UpstreamError(ProxyError):
 
     def __init__(self, detail: str, *, reason: str) -> None:
         super().__init__(detail, reason=reason)
+
+
+class ProxyTunnelError(UpstreamError):
+    """The forward proxy opened no tunnel to the KSZ REST endpoint.
+
+    ``proxy_status`` is its answer to ``CONNECT`` (407: credentials refused), or None when it was
+    unreachable, unknown to DNS or closed without a whole answer.
+    """
+
+    def __init__(self, detail: str, *, proxy_status: int | None) -> None:
+        super().__init__(detail, reason="proxy")
+        self.proxy_status = proxy_status
 
 
 class UpstreamTimeout(UpstreamError):

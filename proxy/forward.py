@@ -2,8 +2,8 @@
 
 The rules (the inbound policy in ``inbound.py`` has already accepted the request):
 
-- the target is sent byte-exact: ``<route upstream><raw path and query>``, never rebuilt from a
-  decoded path (``yarl.URL(..., encoded=True)``);
+- the target is sent byte-exact: ``<route upstream path><raw path and query>``, never rebuilt
+  from a decoded path (the upstream client writes it as given: ``upstream_client.py``);
 - the body is framed afresh with the same bytes: ``Content-Length`` when the caller sent one,
   chunked otherwise; bodies up to ``upstream.replay_max_bytes`` are buffered so that an upstream
   401 can be answered by one fresh token and one resend; larger bodies stream through with
@@ -13,45 +13,51 @@ The rules (the inbound policy in ``inbound.py`` has already accepted the request
   sending its body holds no upstream slot (the handler counts the two phases apart);
 - the answer streams back; one of known length up to ``CHUNK`` is read whole first and sent in
   one write together with its headers; a HEAD answer keeps the upstream ``Content-Length``;
-- an upstream ``101`` or other 1xx as the final answer (nobody asked for an upgrade: the inbound
-  policy refuses them) is a 502 ``protocol`` fault, and that connection is closed, never reused;
+- an upstream ``101`` or other upgrade (nobody asked for one: the inbound policy refuses them)
+  is a 502 ``protocol`` fault and that connection is closed, never reused; other 1xx answers are
+  skipped, never passed on as final (both in the upstream client);
 - a header of the answer carrying the token the request went with is removed and counted;
 - an upstream that answers before it has the whole body gets its answer relayed; the rest of the
   body is not sent and that connection is closed, never reused;
 - redirects are never followed and nothing is decompressed, in either direction;
 - transport faults become ``UpstreamError`` with a stable reason (dns, connect, tls, reset,
-  protocol) or ``UpstreamTimeout``; a request is never retried after a transport fault.
+  protocol) or ``UpstreamTimeout`` (named by the upstream client); a route's egress decision
+  (``egress.decide``) chooses direct or a ``CONNECT`` tunnel through its forward proxy, whose
+  failures are reason ``proxy`` with a fixed text naming the keys to check; a request is never
+  retried after a transport fault (the one exception, a bodiless GET/HEAD/OPTIONS meeting a
+  kept-alive connection that closed before any answer byte, is the client's own).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
-from proxy._aiohttp import disable_connection_retry
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
-from proxy.egress import EgressRoute, decide, proxy_failure
-from proxy.errors import InternalError, RequestRejected, UpstreamError, UpstreamTimeout
+from proxy.egress import EgressRoute, decide, tunnel_failure
+from proxy.errors import (
+    InternalError,
+    ProxyTunnelError,
+    RequestRejected,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from proxy.headers import downstream_response_headers, remove_token, upstream_request_headers
 from proxy.tls import client_context
 from proxy.tokens import Token, TokenProvider
+from proxy.upstream_client import EgressProxy, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("ksz_proxy.forward")
 
 CHUNK: Final = 64 * 1024
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
-# Headers aiohttp's client would add on its own; the caller's own values (or none) go upstream.
-_SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 @dataclass(slots=True)
@@ -74,32 +80,23 @@ class Exchange:
     close: bool = False
 
 
-def make_session(config: Config, credentials: Credentials) -> aiohttp.ClientSession:
-    """Return the upstream session: verified TLS, pooled, no proxy variables, no decompression."""
+def make_session(config: Config, credentials: Credentials) -> UpstreamClient:
+    """Return the upstream client: verified TLS, pooled, no proxy variables, no decompression.
+
+    Used as ``async with``; it closes its connections on the way out.
+    """
     upstream = config.upstream
     context = client_context(
         upstream.ca_file,
         client_credentials=credentials if upstream.client_certificate else None,
     )
-    connector = aiohttp.TCPConnector(
-        ssl=context, limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=60
+    return UpstreamClient(
+        ssl_context=context,
+        max_connections=upstream.max_connections,
+        connect_timeout_s=upstream.connect_timeout_s,
+        read_timeout_s=upstream.read_timeout_s,
+        total_timeout_s=upstream.total_timeout_s,
     )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        trust_env=False,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-        raise_for_status=False,
-        timeout=aiohttp.ClientTimeout(
-            total=upstream.total_timeout_s,
-            sock_connect=upstream.connect_timeout_s,
-            sock_read=upstream.read_timeout_s,
-        ),
-    )
-    # A resend after a reset connection would send a streamed body empty: see _aiohttp.py.
-    disable_connection_retry(session)
-    return session
 
 
 class _BodyAborted(Exception):
@@ -112,11 +109,8 @@ class _Body:
 
     buffered: bytes
     rest: AsyncIterator[bytes] | None
-    # Set when the streamed rest broke a limit; aiohttp wraps the generator's exception, so the
-    # answer to give is kept here rather than read back from the wrapper.
+    # Set when the streamed rest broke a limit: the answer to give the caller.
     aborted: RequestRejected | None = None
-    # Set once the streamed rest was handed over whole to the upstream connection.
-    sent_whole: bool = False
 
     @property
     def replayable(self) -> bool:
@@ -130,18 +124,20 @@ class Forwarder:
         self,
         config: Config,
         tokens: TokenProvider | Mapping[str, TokenProvider],
-        session: aiohttp.ClientSession,
+        session: UpstreamClient,
     ) -> None:
         self._config = config
         # Each client's provider by name: a route only ever gets its own client's tokens
         # (SECURITY.md 49). One provider alone serves the only client.
         self._tokens = {tokens.client.name: tokens} if isinstance(tokens, TokenProvider) else tokens
-        self._session = session
+        self._client = session
         self._max_body = config.listen.max_body_bytes
         self._replay_max = config.upstream.replay_max_bytes
         self._body_timeout_s = config.listen.body_read_timeout_s
         # The egress decision per route, made once: the hot path only looks it up.
-        self._egress = {route.prefix: route_egress(config, route) for route in config.routes}
+        self._egress = {
+            route.prefix: _Egress.of(route_egress(config, route)) for route in config.routes
+        }
 
     async def receive(self, request: web.BaseRequest) -> _Body:
         """Read the start of the caller's body: all of it when it is replayable."""
@@ -165,12 +161,13 @@ class Forwarder:
         tokens = self._tokens[route.client]
         token = _own(await tokens.get(route.scopes), route)
         exchange.bytes_in = len(body.buffered)
-        url = URL(route.upstream + request.raw_path, encoded=True)
         egress = self._egress.get(route.prefix)
         if egress is None:  # a route made after start-up (tests); decided once, then kept
-            egress = self._egress[route.prefix] = route_egress(self._config, route)
+            egress = self._egress[route.prefix] = _Egress.of(route_egress(self._config, route))
 
-        upstream = await self._send(request, url, token, body, declared, trace_id, exchange, egress)
+        upstream = await self._send(
+            request, route.upstream, token, body, declared, trace_id, exchange, egress
+        )
         if upstream.status == 401:
             # The token was refused: never use it again. Resend once, and only a buffered body.
             tokens.invalidate(token)
@@ -179,14 +176,9 @@ class Forwarder:
                 token = _own(await tokens.get(route.scopes), route)
                 exchange.retried = True
                 upstream = await self._send(
-                    request, url, token, body, declared, trace_id, exchange, egress
+                    request, route.upstream, token, body, declared, trace_id, exchange, egress
                 )
         exchange.upstream_status = upstream.status
-        if upstream.status < 200:
-            # aiohttp returns a 101 (or a 1xx it does not skip) as the answer. Nobody asked to
-            # switch protocols: what follows on that connection is not HTTP for us.
-            upstream.close()
-            raise UpstreamError("The upstream switched protocols unasked.", reason="protocol")
         return await self._relay(request, upstream, exchange, token, body)
 
     async def _read_start(self, request: web.BaseRequest, declared: int | None) -> _Body:
@@ -235,7 +227,6 @@ class Forwarder:
                 body.aborted = exc
                 raise _BodyAborted from None
             if not chunk:
-                body.sent_whole = True
                 return
             sent += len(chunk)
             if sent > self._max_body:
@@ -246,21 +237,19 @@ class Forwarder:
     async def _send(
         self,
         request: web.BaseRequest,
-        url: URL,
+        upstream: str,
         token: Token,
         body: _Body,
         declared: int | None,
         trace_id: str,
         exchange: Exchange,
-        egress: EgressRoute,
-    ) -> aiohttp.ClientResponse:
-        data: bytes | io.BytesIO | AsyncIterator[bytes] | None
+        egress: _Egress,
+    ) -> UpstreamResponse:
+        data: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
             data, length = None, None
         elif body.rest is None:
-            # aiohttp writes a bytes body in one go and warns above 1 MiB (an error where
-            # warnings are errors); a BytesIO is written in chunks, and is made afresh per send.
-            data, length = io.BytesIO(body.buffered), len(body.buffered)
+            data, length = body.buffered, len(body.buffered)
         else:
             # The same framing the caller used: its Content-Length, or chunked when it had none.
             data, length = _counted(_chain(body.buffered, body.rest), exchange), declared
@@ -271,15 +260,16 @@ class Forwarder:
             content_length=length,
         )
         try:
-            return await self._session.request(
+            return await self._client.request(
                 request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                **egress.request_options(),
+                upstream,
+                request.raw_path,
+                headers,
+                data,
+                length,
+                egress=egress.proxy,
             )
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, _BodyAborted) as exc:
+        except (UpstreamError, TimeoutError, ssl.SSLError, OSError, _BodyAborted) as exc:
             if body.aborted is not None:
                 raise body.aborted from None
             raise translate(exc, egress) from None
@@ -287,7 +277,7 @@ class Forwarder:
     async def _relay(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         exchange: Exchange,
         token: Token,
         body: _Body,
@@ -304,7 +294,7 @@ class Forwarder:
                 # write: one send system call per request instead of two (headers, then body).
                 # Nothing has reached the caller before the body is complete, so a fault while
                 # reading it is answered like any upstream fault rather than by a cut.
-                whole = await upstream.content.read()
+                whole = await upstream.read()
                 response = web.Response(
                     status=upstream.status, reason=upstream.reason, headers=headers, body=whole
                 )
@@ -326,18 +316,23 @@ class Forwarder:
             await _to_caller(response.prepare(request))
             exchange.status_sent = upstream.status
             if not no_body:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
+                while chunk := await upstream.read_chunk():
                     exchange.bytes_out += len(chunk)
                     await _to_caller(response.write(chunk))
             await _to_caller(response.write_eof())
             return response
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the caller's connection is lost: whether that
+            # shows first as a failed write or as this cancellation is a matter of timing.
+            exchange.caller_gone = True
+            raise
         except _CallerGone:
             # The caller went away mid-answer: not an upstream fault, and nothing to answer.
             exchange.caller_gone = True
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (UpstreamError, TimeoutError, OSError, _BodyAborted) as exc:
             error = translate(exc)
             exchange.upstream_error = error.reason
             if response is not None and response.prepared:
@@ -351,12 +346,9 @@ class Forwarder:
                 raise asyncio.CancelledError from None
             raise error from None
         finally:
-            if body.rest is not None and not body.sent_whole:
-                # The upstream answered before it had the whole body: the rest is not sent,
-                # and a connection left mid-body is never reused.
-                upstream.close()
-            else:
-                upstream.release()
+            # An upstream that answered before it had the whole body gets no more of it, and
+            # a connection left mid-body is closed, never reused (UpstreamResponse.release).
+            upstream.release()
 
 
 class _CallerGone(Exception):
@@ -385,42 +377,55 @@ async def _counted(body: AsyncIterator[bytes], exchange: Exchange) -> AsyncItera
         yield chunk
 
 
+@dataclass(frozen=True, slots=True)
+class _Egress:
+    """A route's egress decision and, when it names a proxy, the upstream client's tunnel."""
+
+    route: EgressRoute
+    proxy: EgressProxy | None
+
+    @classmethod
+    def of(cls, route: EgressRoute) -> _Egress:
+        server = route.proxy
+        if server is None:
+            return cls(route=route, proxy=None)
+        # Revealed into the CONNECT request only; EgressProxy's repr leaves it out.
+        authorization = server.authorization.reveal() if server.authorization else None
+        return cls(route=route, proxy=EgressProxy(server.host, server.port, authorization))
+
+
 def route_egress(config: Config, route: Route) -> EgressRoute:
     """Return how ``route``'s upstream is reached (directly or through a forward proxy)."""
     return decide(config.egress, route.proxy, route.upstream, key=route.proxy_key)
 
 
-def translate(exc: BaseException, egress: EgressRoute | None = None) -> UpstreamError:
-    """Translate a transport fault into an ``UpstreamError``; the only such edge upstream."""
-    failure = proxy_failure(egress, exc) if egress is not None else None
-    if failure is not None:
-        # A fixed text: the caller learns which keys to check, not the proxy's address.
+def translate(exc: BaseException, egress: _Egress | None = None) -> UpstreamError:
+    """Return ``exc`` as an ``UpstreamError``: the client's own, or one for a stray fault.
+
+    The upstream client (the edge for transport faults) names them already; a forward proxy's
+    refusal is given the fixed text that names the keys to check, never the proxy's address.
+    """
+    if isinstance(exc, ProxyTunnelError) and egress is not None:
+        failure = tunnel_failure(egress.route, exc.proxy_status)
         if failure.reason == "proxy_auth":
-            return UpstreamError(
+            return ProxyTunnelError(
                 "The forward proxy refused the credentials (HTTP 407): check "
                 "egress.proxy_user and egress.proxy_password_file.",
-                reason="proxy",
+                proxy_status=failure.status,
             )
         if failure.status is not None:
-            return UpstreamError(
-                f"The forward proxy refused the tunnel (HTTP {failure.status}).", reason="proxy"
+            return ProxyTunnelError(
+                f"The forward proxy refused the tunnel (HTTP {failure.status}).",
+                proxy_status=failure.status,
             )
-        return UpstreamError("The forward proxy is unreachable.", reason="proxy")
+        return ProxyTunnelError("The forward proxy is unreachable.", proxy_status=None)
+    if isinstance(exc, UpstreamError):
+        return exc
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout()
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return UpstreamError("The upstream host name does not resolve.", reason="dns")
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+    if isinstance(exc, ssl.SSLError):
         return UpstreamError("The TLS handshake with the upstream failed.", reason="tls")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("The upstream refused or dropped the connection.", reason="connect")
-    if isinstance(
-        exc,
-        aiohttp.ServerDisconnectedError
-        | aiohttp.ClientOSError
-        | aiohttp.ClientPayloadError
-        | ConnectionError,
-    ):
+    if isinstance(exc, ConnectionError | OSError | _BodyAborted):
         return UpstreamError("The upstream connection was reset.", reason="reset")
     return UpstreamError("The upstream answer could not be read.", reason="protocol")
 

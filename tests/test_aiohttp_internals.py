@@ -41,15 +41,6 @@ def test_c_parser_is_recognised_by_its_module() -> None:
     _aiohttp.check_c_parser()
 
 
-async def test_client_session_still_has_the_resend_switch() -> None:
-    # disable_connection_retry sets ClientSession._retry_connection, read in _request.
-    assert "self._retry_connection" in inspect.getsource(aiohttp.ClientSession._request)
-    async with aiohttp.ClientSession() as session:
-        assert session._retry_connection is True, "aiohttp's default changed"
-        _aiohttp.disable_connection_retry(session)
-        assert session._retry_connection is False
-
-
 async def test_stream_writer_counts_its_output_in_output_size() -> None:
     # answer_started and forget_interim_output read and reset StreamWriter.output_size.
     loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@
 - SECURITY 19, 20, 21: no code under ``proxy/`` switches TLS verification off, trusts proxy
   variables or follows redirects (aiohttp follows them by default, so every session call outside
   ``proxy/sandbox/``, which sends no token out, must say ``allow_redirects=False``); the upstream
-  session keeps aiohttp's own resend switched off;
+  client reads no proxy variable and decodes nothing;
 - SECURITY 22, 23: no log call formats a value with its repr (``%r``, ``repr()``, ``!r``), which
   for an aiohttp client error can carry the Authorization header;
 - SECURITY 5: the shared secret is compared with ``hmac.compare_digest`` only;
@@ -34,6 +34,7 @@ from packaging.version import Version
 
 from proxy import forward, oauth
 from proxy.credentials import load_credentials
+from proxy.upstream_client import UpstreamClient
 from tests.support.config import make_config
 from tests.support.partner import PartnerFiles
 
@@ -215,11 +216,13 @@ async def test_sessions_ignore_proxy_variables_and_never_resend(
     config = make_config("https://127.0.0.1:9/token", partner_files, ca_file)
     credentials = load_credentials(config.client)
     async with forward.make_session(config, credentials) as upstream:
-        assert upstream.trust_env is False
-        assert upstream.auto_decompress is False
-        # aiohttp's own resend of idempotent requests after a dropped connection: forward.py
-        # switches it off through a private attribute, which must therefore still exist.
-        assert upstream._retry_connection is False
+        assert isinstance(upstream, UpstreamClient)
+    # The upstream client reads no environment (proxy variables), decodes no body and resends
+    # only through its one documented path (the idle-close race, tests/test_upstream_client.py).
+    source = (ROOT / "proxy" / "upstream_client.py").read_text(encoding="utf-8")
+    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    attributes = {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
+    assert not {"os", "environ", "getenv", "zlib", "gzip", "getproxies"} & (names | attributes)
     async with oauth.make_session(config) as token_session:
         assert token_session.trust_env is False
 

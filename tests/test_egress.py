@@ -443,12 +443,15 @@ HTTP_CALLS: Final = frozenset(
 
 
 def test_proxies_are_chosen_only_by_the_egress_decision() -> None:
-    # No call in the package names a proxy itself: each client request that may use one spreads
-    # EgressRoute.request_options(), the only place the options are built.
+    # No call in the package names a proxy itself: each aiohttp client request that may use one
+    # spreads EgressRoute.request_options(), the only place those options are built; the upstream
+    # client's requests (forward.py) take ``egress=`` from the route's decision, mapped once by
+    # forward._Egress.of.
     import ast
 
     root = Path(__file__).parent.parent / "proxy"
     spreads: list[str] = []
+    tunnels: list[str] = []
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
@@ -462,4 +465,7 @@ def test_proxies_are_chosen_only_by_the_egress_decision() -> None:
                 )
                 if keyword.arg is None and "request_options" in ast.unparse(keyword.value):
                     spreads.append(path.name)
-    assert sorted(spreads) == ["forward.py", "oauth.py"]
+                if keyword.arg == "egress":
+                    tunnels.append(f"{path.name}: {ast.unparse(keyword.value)}")
+    assert sorted(spreads) == ["oauth.py"]
+    assert tunnels == ["forward.py: egress.proxy"]

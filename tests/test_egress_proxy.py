@@ -345,8 +345,9 @@ async def test_silent_proxy_is_bounded_by_the_configured_timeouts(
     make_chain: ChainFactory,
 ) -> None:
     # A proxy that accepts the connection and never answers CONNECT: the token request ends at
-    # oauth.timeout_s, a forwarded request at upstream.total_timeout_s (aiohttp puts no read
-    # timeout on the CONNECT answer, so nothing shorter applies there).
+    # oauth.timeout_s (aiohttp puts no read timeout on the CONNECT answer), a forwarded request
+    # at upstream.total_timeout_s (or connect_timeout_s, which the tunnel counts toward, if
+    # shorter).
     async with silent_listener() as url:
         chain = await make_chain(ready=False, egress={"proxy_url": url}, oauth={"timeout_s": 0.5})
         async with asyncio.timeout(10):

@@ -43,6 +43,7 @@ RANKS: Final[dict[str, int]] = {
     ),
     "_aiohttp": 1,
     "oauth": 2,
+    "upstream_client": 2,
     "tokens": 3,
     "forward": 4,
     "health": 4,  # reads tokens.TokenStatus
