@@ -34,6 +34,7 @@ from tests.support.config import DEMO, write_toml
 from tests.support.fakes import AuthServerHandle, UpstreamHandle
 from tests.support.forwardproxy import TINYPROXY, TinyProxy, free_port, start_tinyproxy
 from tests.support.partner import CLIENT_ID, PartnerFiles
+from tests.support.wait import until
 
 pytestmark = pytest.mark.skipif(
     TINYPROXY is None, reason="tinyproxy is not installed (make test-tools installs it as root)"
@@ -300,9 +301,16 @@ async def test_wrong_proxy_password_is_token_proxy_auth(
             body = await first_failure(chain)
         assert body["reason"] == "token_proxy_auth"
         admin = chain.proxy.admin_url
-        _, health, health_text = await get_json(chain, admin + "/health")
-        states = health["details"]["tokens"].values()
-        assert {state["lastError"] for state in states} == {"proxy_auth"}
+        health_text = ""
+
+        async def every_scope_set_failed() -> bool:
+            # Each scope set has its own fetch: the caller saw one fail, the others may still run.
+            nonlocal health_text
+            _, health, health_text = await get_json(chain, admin + "/health")
+            states = health["details"]["tokens"].values()
+            return {state["lastError"] for state in states} == {"proxy_auth"}
+
+        await until(every_scope_set_failed, 10.0)
         _, _, metrics = await get_json(chain, admin + "/metrics")
         assert 'kszproxy_token_requests_total{client="default",outcome="error"}' in metrics
     hints = {getattr(r, "hint", None) for r in caplog.records}
