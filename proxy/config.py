@@ -391,6 +391,7 @@ def _routes(
 ) -> tuple[Route, ...]:
     items = reader.table_list("routes")
     if not items:
+        reader.refuse_near("routes")
         raise ConfigError(
             'routes: at least one [[routes]] entry is required (prefix = "/REST/...")'
         )

@@ -213,18 +213,20 @@ def load_pem(
     *,
     key: str = "client.private_key",
     cert_key: str = "client.certificate",
+    unlock_via: str = _PW_CONFIG_KEYS,
 ) -> Credentials:
     """Load a PEM private key (PKCS#8, PKCS#1 or SEC1, encrypted or not) and a PEM certificate.
 
     The certificate file may hold a chain; the certificate matching the key is the leaf.
     """
     key_data = _read_private(key_path, key)
-    private_key = _check_key(_load_pem_key(key_data, key_path, password), key_path, key)
+    loaded = _load_pem_key(key_data, key_path, password, where=key, unlock_via=unlock_via)
+    private_key = _check_key(loaded, key_path, key)
     cert_data = _read(cert_path, cert_key)
     # A combined key + certificate file is as secret as the key file itself.
     if b"PRIVATE KEY-----" in cert_data:
         _check_private(cert_path, cert_key)
-    certificates = _load_certificates(cert_data, cert_path)
+    certificates = _load_certificates(cert_data, cert_path, where=cert_key)
     picked = _pick_leaf(private_key, certificates)
     if picked is None:
         raise CredentialError(
@@ -299,6 +301,28 @@ def _read(path: Path, key: str) -> bytes:
         raise CredentialError(f"{key}: cannot read {path} ({exc.strerror})") from None
 
 
+def password_shape(password: Secret | str | None) -> str:
+    """Return a note for a wrong-password error when the password's shape is a likely cause.
+
+    A password file keeps everything but one trailing newline, so an editor's extra blank line or
+    trailing spaces become part of the password. The note names the shape, never the content.
+    """
+    value = password.reveal() if isinstance(password, Secret) else password
+    if not value:
+        return ""
+    notes = []
+    lines = len(value.splitlines())
+    if lines > 1 or value.endswith(("\n", "\r")):
+        count = max(lines, 2)
+        notes.append(
+            f"it spans {count} lines (a password file holds one line; only its one trailing "
+            "newline is dropped)"
+        )
+    if value != value.rstrip(" \t") or value != value.lstrip(" \t"):
+        notes.append("it starts or ends with spaces or tabs, which count as part of it")
+    return "; note: the password " + " and ".join(notes) if notes else ""
+
+
 def _password_bytes(password: Secret | None) -> bytes | None:
     return None if password is None else password.reveal().encode("utf-8")
 
@@ -330,15 +354,24 @@ def _pkcs12_failure(data: bytes, path: Path, key: str, secret: bytes | None) -> 
             "client.password_env"
         )
     if not opens_without_password(data):
-        return f"{key}: wrong password for {path} ({_PW_CONFIG_KEYS}), or the keystore is damaged"
+        return (
+            f"{key}: wrong password for {path} ({_PW_CONFIG_KEYS}), or the keystore is damaged"
+            f"{password_shape(secret.decode('utf-8'))}"
+        )
     return (
         f"{key}: {path} is not password-protected but a password is set ({_PW_CONFIG_KEYS}); "
         "remove the password setting or protect the keystore"
     )
 
 
-def _load_pem_key(data: bytes, path: Path, password: Secret | None) -> PrivateKeyTypes:
-    where = "client.private_key"
+def _load_pem_key(
+    data: bytes,
+    path: Path,
+    password: Secret | None,
+    *,
+    where: str = "client.private_key",
+    unlock_via: str = _PW_CONFIG_KEYS,
+) -> PrivateKeyTypes:
     if b"PRIVATE KEY-----" not in data:
         if b"-----BEGIN" in data:
             raise CredentialError(f"{where}: {path} holds no PEM private key")
@@ -350,18 +383,16 @@ def _load_pem_key(data: bytes, path: Path, password: Secret | None) -> PrivateKe
         return serialization.load_pem_private_key(data, secret)
     except TypeError as exc:
         if secret is None:
-            message = (
-                f"{where}: {path} is encrypted; set client.password_file or client.password_env"
-            )
+            message = f"{where}: {path} is encrypted; set {unlock_via.replace(' / ', ' or ')}"
         else:
             message = (
-                f"{where}: {path} is not encrypted but a password is set ({_PW_CONFIG_KEYS}); "
+                f"{where}: {path} is not encrypted but a password is set ({unlock_via}); "
                 "remove the password setting or encrypt the key"
             )
         raise CredentialError(message) from exc
     except ValueError as exc:
         if secret is not None and b"ENCRYPTED" in data:
-            message = f"{where}: wrong password for {path} ({_PW_CONFIG_KEYS})"
+            message = f"{where}: wrong password for {path} ({unlock_via}){password_shape(password)}"
         else:
             message = f"{where}: {path} holds a private key that cannot be read (damaged?)"
         raise CredentialError(message) from exc
@@ -371,8 +402,9 @@ def _load_pem_key(data: bytes, path: Path, password: Secret | None) -> PrivateKe
         ) from exc
 
 
-def _load_certificates(data: bytes, path: Path) -> list[x509.Certificate]:
-    where = "client.certificate"
+def _load_certificates(
+    data: bytes, path: Path, *, where: str = "client.certificate"
+) -> list[x509.Certificate]:
     try:
         if b"-----BEGIN" in data:
             if b"-----BEGIN CERTIFICATE-----" not in data:

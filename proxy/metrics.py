@@ -21,6 +21,7 @@ from proxy.scopes import scope_label as scope_label
 
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TOKEN_OUTCOMES: Final = ("success", "rejected", "error")
+RELOAD_OUTCOMES: Final = ("success", "failure")
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -93,6 +94,20 @@ class Metrics:
             "kszproxy_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
+        self.config_reloads = Counter(
+            "kszproxy_config_reloads",
+            "Configuration reloads (SIGHUP) by outcome: success, or failure (the old one stays).",
+            ["outcome"],
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "kszproxy_config_last_reload_success_timestamp_seconds",
+            "When the configuration in use was loaded (Unix time): start-up or the last reload.",
+            registry=r,
+        )
+        self.config_last_reload_success.set_to_current_time()
+        for outcome in RELOAD_OUTCOMES:
+            self.config_reloads.labels(outcome=outcome)
         for outcome in TOKEN_OUTCOMES:
             self.token_requests.labels(outcome=outcome)
         for scopes in scope_sets:
@@ -101,6 +116,17 @@ class Metrics:
             self.duration.labels(route=route)
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
+
+    def set_routes(self, routes: Iterable[str]) -> None:
+        """Label requests by these route prefixes from now on (a reload changed the routes)."""
+        self._routes = frozenset(routes) | {"unrouted"}
+        for route in self._routes:
+            self.duration.labels(route=route)
+
+    def add_scope_sets(self, scope_sets: Iterable[frozenset[str]]) -> None:
+        """Show a token expiry series (0 until a token is held) for newly configured scope sets."""
+        for scopes in scope_sets:
+            self.token_expiry.labels(scopes=scope_label(scopes))
 
     def route_label(self, prefix: str) -> str:
         """Return ``prefix`` when it is a configured route, else ``unrouted``."""

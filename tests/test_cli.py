@@ -743,7 +743,7 @@ def test_csr_rsa_with_every_attribute(tmp_path: Path, capsys: pytest.CaptureFixt
     assert request.public_key() == key.public_key()
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert "Next steps" in result.out
-    assert "cert-info partner.crt --export-crt" in result.out
+    assert f"cert-info {tmp_path / 'partner.crt'} --export-crt" in result.out
     assert "public-trust CA" in result.out
 
 

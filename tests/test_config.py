@@ -753,7 +753,7 @@ UNKNOWN_KEY_CASES = [
     ("patch", "where"), UNKNOWN_KEY_CASES, ids=[w for _, w in UNKNOWN_KEY_CASES]
 )
 def test_unknown_keys_are_errors(tmp_path: Path, patch: dict[str, Any], where: str) -> None:
-    assert failure(tmp_path, patch) == f"{where}: unknown key (check the spelling)"
+    assert failure(tmp_path, patch).startswith(f"{where}: unknown key (")
 
 
 ERROR_CASES: list[tuple[dict[str, Any], str]] = [
