@@ -17,6 +17,7 @@ import contextlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from proxy.forward import Forwarder
 from proxy.health import assess
 from proxy.metrics import Metrics, scope_label
 from proxy.problems import problem_response
+from proxy.reload import ReloadStatus
 from proxy.tokens import TokenProvider
 
 CONFIG: Final = web.AppKey("config", Config)
@@ -36,6 +38,18 @@ DRAIN: Final = web.AppKey("drain", Drain)
 TOKENS: Final = web.AppKey("tokens", TokenProvider)
 FORWARDER: Final = web.AppKey("forwarder", Forwarder)
 METRICS: Final = web.AppKey("metrics", Metrics)
+
+
+@dataclass(slots=True)
+class Live:
+    """What the per-process admin routes read; a reload (SIGHUP) replaces the fields together."""
+
+    config: Config
+    reloads: ReloadStatus
+    tokens: TokenProvider = field(init=False)  # set by server.py once the provider exists
+
+
+LIVE: Final = web.AppKey("live", Live)
 
 # The text format generate_latest writes, as answered since the first release. Not
 # CONTENT_TYPE_LATEST: since prometheus-client 0.23 that names format 1.0.0, a change of answer.
@@ -103,9 +117,9 @@ async def _readyz(request: web.Request) -> web.Response:
     app = request.app
     if app[DRAIN].draining:
         return not_ready("draining", "The proxy is shutting down.")
-    provider = app[TOKENS]
-    for scopes in app[CONFIG].scope_sets:
-        if provider.peek(scopes) is None:
+    live = app[LIVE]
+    for scopes in live.config.scope_sets:
+        if live.tokens.peek(scopes) is None:
             return not_ready("no_token", "No usable token yet for every configured scope set.")
     return web.json_response({"status": "UP"})
 
@@ -130,14 +144,17 @@ async def _merged_readyz(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     app = request.app
+    live = app[LIVE]
     verdict = assess(
-        scope_sets=app[CONFIG].scope_sets,
-        tokens=app[TOKENS].status(),
-        certificate_not_after=app[TOKENS].credentials.not_after,
+        scope_sets=live.config.scope_sets,
+        tokens=live.tokens.status(),
+        certificate_not_after=live.tokens.credentials.not_after,
         draining=app[DRAIN].draining,
     )
+    # A refused reload shows here; the status stays as it is: the running config still serves.
+    details = {**verdict.details, "config": live.reloads.details()}
     return web.json_response(
-        {"status": verdict.status, "details": verdict.details},
+        {"status": verdict.status, "details": details},
         status=verdict.http_status,
         headers={"Cache-Control": "no-store"},
     )
@@ -170,7 +187,7 @@ async def _merged_health(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[METRICS]
-    provider = app[TOKENS]
+    provider = app[LIVE].tokens
     # Gauges that describe state are read at scrape time, off the request path.
     for status in provider.status():
         metrics.token_expiry.labels(scopes=scope_label(status.scopes)).set(
@@ -255,6 +272,7 @@ def make_admin_app(config: Config, drain: Drain) -> web.Application:
     """Return one process's admin application; ``server.py`` adds the resources it reads."""
     app = web.Application(handler_args={"auto_decompress": False})
     app[CONFIG] = config
+    app[LIVE] = Live(config=config, reloads=ReloadStatus())
     app[DRAIN] = drain
     app[METRICS] = Metrics((r.prefix for r in config.routes), config.scope_sets)
     _add_routes(app, _ROUTES)

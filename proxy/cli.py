@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(
         args.log_level or ("info" if is_run else "warning"),
         args.log_format or ("json" if is_run else "text"),
+        pinned=args.log_level is not None,
     )
     try:
         code = _dispatch(args)
@@ -238,6 +239,7 @@ def _onboarding(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config, credentials = load_setup(config_path(args.config, os.environ), os.environ)
+    logs.use_config_level(config.log.level)
     if config.listen.workers <= 1:
         return _loop_run(serve(config, credentials))
 

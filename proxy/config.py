@@ -34,6 +34,8 @@ from proxy.secret import read_secret_file as read_secret_file
 
 Algorithm = Literal["RS256", "PS256", "ES256"]
 ALGORITHMS: Final[tuple[Algorithm, ...]] = ("RS256", "PS256", "ES256")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
@@ -120,6 +122,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    """Log output set in the file; ``--log-level`` on the command line wins over it."""
+
+    level: LogLevel | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     """One forwarded path prefix with its scope set and upstream origin."""
 
@@ -144,6 +153,7 @@ class Config:
     listen: ListenConfig
     admin: AdminConfig
     routes: tuple[Route, ...]
+    log: LogConfig = LogConfig()
     source: Path | None = None
 
     @property
@@ -201,6 +211,7 @@ def parse_config(
     upstream = _upstream(reader.table("upstream"), default_rest)
     listen = _listen(reader.table("listen"))
     admin = _admin(reader.table("admin"))
+    log = _log(reader.table("log"))
     routes = _routes(reader, oauth.scopes, upstream.url)
     reader.finish()
     if oauth.token_url is None and oauth.discovery_url is None:
@@ -219,6 +230,7 @@ def parse_config(
         listen=listen,
         admin=admin,
         routes=routes,
+        log=log,
         source=source,
     )
 
@@ -382,6 +394,12 @@ def _listen(t: Table) -> ListenConfig:
 
 def _admin(t: Table) -> AdminConfig:
     config = AdminConfig(**present(host=t.host("host"), port=t.integer("port", low=0, high=65535)))
+    t.finish()
+    return config
+
+
+def _log(t: Table) -> LogConfig:
+    config = LogConfig(**present(level=t.choice("level", LOG_LEVELS)))
     t.finish()
     return config
 

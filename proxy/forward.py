@@ -120,6 +120,11 @@ class Forwarder:
         self._replay_max = config.upstream.replay_max_bytes
         self._body_timeout_s = config.listen.body_read_timeout_s
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Return the upstream session (a reload that keeps it hands it to the next Forwarder)."""
+        return self._session
+
     async def forward(
         self, request: web.BaseRequest, route: Route, trace_id: str, exchange: Exchange
     ) -> web.StreamResponse:

@@ -62,12 +62,25 @@ class ProxyHandler:
         drain: Drain,
         port: int,
     ) -> None:
-        self._config = config
-        self._forwarder = forwarder
         self._metrics = metrics
         self._drain = drain
         # The bound port, for the Host check; start() sets it once the listener is bound.
         self.port = port
+        self.use(config, forwarder)
+
+    @property
+    def forwarder(self) -> Forwarder:
+        """Return the forwarder new requests get."""
+        return self._forwarder
+
+    def use(self, config: Config, forwarder: Forwarder) -> None:
+        """Serve new requests with ``config`` and ``forwarder``; in-flight ones keep theirs.
+
+        One synchronous call: no request sees half of it. A request reads the inbound settings
+        before its first ``await`` and holds on to the forwarder it started with.
+        """
+        self._config = config
+        self._forwarder = forwarder
         self._max_in_flight = config.listen.max_in_flight
         self._max_body = config.listen.max_body_bytes
         secret = config.listen.shared_secret
@@ -80,6 +93,8 @@ class ProxyHandler:
         route_prefix = "unrouted"
         started = time.perf_counter()
         response: web.StreamResponse | None = None
+        forwarder = self._forwarder  # this request's, even if a reload swaps it meanwhile
+        max_body = self._max_body
         task = request.task
         drain.enter(task)
         try:
@@ -87,8 +102,8 @@ class ProxyHandler:
                 raise NotReady("Too many requests in flight.", reason="overloaded")
             route = self._accept(request)
             route_prefix = route.prefix
-            await self._continue(request)
-            response = await self._forwarder.forward(request, route, trace_id, exchange)
+            await self._continue(request, max_body)
+            response = await forwarder.forward(request, route, trace_id, exchange)
             return response
         except ProxyError as exc:
             if isinstance(exc, UpstreamError):
@@ -160,7 +175,7 @@ class ProxyHandler:
         check_path(raw_path)
         return find_route(self._config.routes, raw_path)
 
-    async def _continue(self, request: web.BaseRequest) -> None:
+    async def _continue(self, request: web.BaseRequest, max_body: int) -> None:
         """Answer ``Expect: 100-continue`` only once the request is known to be acceptable."""
         expect = request.headers.get("Expect")
         if expect is None:
@@ -170,7 +185,7 @@ class ProxyHandler:
                 "Only Expect: 100-continue is supported.", status=400, reason="bad_expect"
             )
         length = request.content_length
-        if length is not None and length > self._max_body:
+        if length is not None and length > max_body:
             raise RequestRejected(
                 "The request body exceeds the size limit.", status=413, reason="payload_too_large"
             )

@@ -210,9 +210,26 @@ def write_access(logger: logging.Logger, fields: dict[str, Any]) -> None:
     handler.write_line(_ENCODER.encode(entry))
 
 
-def setup(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Send every log record to ``stream`` (stderr) in the chosen format."""
+# The threshold setup() was given, and whether it came from --log-level (which then wins over the
+# configuration's log.level, at start and on every reload).
+_LEVEL: dict[str, Any] = {"default": "info", "pinned": False}
+
+
+def use_config_level(level: str | None) -> None:
+    """Apply the configuration's ``log.level`` (None: back to the default) unless pinned."""
+    if not _LEVEL["pinned"]:
+        logging.getLogger().setLevel((level or _LEVEL["default"]).upper())
+
+
+def setup(
+    level: str = "info", fmt: str = "json", stream: TextIO | None = None, *, pinned: bool = False
+) -> None:
+    """Send every log record to ``stream`` (stderr) in the chosen format.
+
+    ``pinned``: the level was given on the command line; the configuration cannot change it.
+    """
     global _JSON_HANDLER
+    _LEVEL.update(default=level, pinned=pinned)
     handler = LoopStreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     _JSON_HANDLER = handler if fmt == "json" else None

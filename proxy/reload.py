@@ -14,7 +14,9 @@ keep their running value and are reported as needing a restart. Pure functions::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from proxy.config import Config
@@ -74,3 +76,40 @@ def _diff(old: Any, new: Any, where: str) -> list[str]:
         path = f"{where}.{item.name}" if where else item.name
         keys += _diff(getattr(old, item.name), getattr(new, item.name), path)
     return keys
+
+
+@dataclass(slots=True)
+class ReloadStatus:
+    """The outcome of the last reload, for ``/health`` (which stays UP: the old config serves)."""
+
+    loaded_at: float = field(default_factory=time.time)
+    last_outcome: str | None = None
+    last_at: float | None = None
+    last_error: str | None = None
+
+    def succeeded(self) -> None:
+        """Record a reload that took effect."""
+        self.loaded_at = self.last_at = time.time()
+        self.last_outcome = "success"
+        self.last_error = None
+
+    def failed(self, detail: str) -> None:
+        """Record a refused reload; ``detail`` starts with the key path and holds no secret."""
+        self.last_at = time.time()
+        self.last_outcome = "failure"
+        self.last_error = detail
+
+    def details(self) -> dict[str, Any]:
+        """Return the ``config`` detail of ``/health``."""
+        key = self.last_error.partition(":")[0] if self.last_error else None
+        return {
+            "loadedAt": _iso(self.loaded_at),
+            "lastReload": self.last_outcome,
+            "lastReloadAt": _iso(self.last_at) if self.last_at is not None else None,
+            "lastReloadError": self.last_error,
+            "failingKey": key,
+        }
+
+
+def _iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds")

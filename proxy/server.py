@@ -16,22 +16,23 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
 
-from proxy import __version__, forward, oauth
+from proxy import __version__, forward, logs, oauth
 from proxy._aiohttp import check_c_parser
-from proxy.admin import CONFIG, DRAIN, FORWARDER, METRICS, TOKENS, make_admin_app
+from proxy.admin import CONFIG, DRAIN, FORWARDER, LIVE, METRICS, TOKENS, make_admin_app
 from proxy.config import Config, load_config
 from proxy.credentials import Credentials, check_algorithm, load_credentials
 from proxy.drain import Drain
 from proxy.errors import ConfigError, ProxyError
 from proxy.forward import Forwarder
 from proxy.handler import ProxyHandler, make_proxy_server
+from proxy.reload import plan_reload
 from proxy.tokens import TokenProvider
 
 # The logger names stay those of the former proxy.app and proxy.cli (docs/operations.md, "Logs").
@@ -59,8 +60,9 @@ def _token_ctx(
 
         async with oauth.make_session(config) as session:
             provider = TokenProvider(config, credentials, session, on_fetch=on_fetch)
-            provider.start()
-            app[TOKENS] = provider
+            # Started by start() once both listeners are bound: a port that is taken must not
+            # cost a token request.
+            app[TOKENS] = app[LIVE].tokens = provider
             try:
                 yield
             finally:
@@ -86,14 +88,25 @@ class RunningProxy:
     proxy_runner: web.ServerRunner
     admin_app: web.Application
     drain: Drain
+    handler: ProxyHandler
     proxy_url: str
     admin_url: str
     drain_s: float = 20.0
+    # Resources a reload replaced, closed once the requests that may still use them are done.
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    # What reloads made (token provider and its session, upstream session) by id, with how to
+    # close it: at the end, or by the reload that replaces it.
+    owned: dict[int, list[Callable[[], Awaitable[Any]]]] = field(default_factory=dict)
 
     @property
     def tokens(self) -> TokenProvider:
-        """Return the token provider, the one holder of the credentials in use."""
-        return self.admin_app[TOKENS]
+        """Return the token provider in use, the one holder of the credentials in use."""
+        return self.admin_app[LIVE].tokens
+
+    @property
+    def config(self) -> Config:
+        """Return the configuration in use (the file as last loaded, restart-only keys kept)."""
+        return self.admin_app[LIVE].config
 
     async def close(self) -> None:
         """Turn readiness off, stop accepting, let in-flight requests finish, then close all.
@@ -118,6 +131,12 @@ class RunningProxy:
                 task.cancel()
             await asyncio.wait(left, timeout=CANCEL_GRACE_S)
         await self.proxy_runner.cleanup()
+        for task in list(self.retiring):
+            task.cancel()  # its resources are closed on the way out
+        await asyncio.gather(*self.retiring, return_exceptions=True)
+        for closers in reversed(list(self.owned.values())):
+            for close in closers:
+                await close()
         await self.admin_runner.cleanup()
 
 
@@ -176,6 +195,7 @@ async def start(
         raise
     # listen.port may be 0 (any free port): the Host check needs the one bound.
     handler.port = bound_port(proxy_runner)
+    admin_app[TOKENS].start()
     if not config.listen.is_loopback:
         log.warning(
             "the proxy listener is bound to a non-loopback address: anyone who can reach it "
@@ -188,6 +208,7 @@ async def start(
         proxy_runner=proxy_runner,
         admin_app=admin_app,
         drain=drain,
+        handler=handler,
         proxy_url=f"http://{authority(config.listen.host, handler.port)}",
         admin_url=f"http://{authority(config.admin.host, bound_port(admin_runner))}"
         if admin_socket is None
@@ -195,27 +216,79 @@ async def start(
     )
 
 
-def reload_credentials(running: RunningProxy, environ: dict[str, str] | None = None) -> bool:
-    """Re-read the keystore, key, certificate and password; on success, fetch fresh tokens.
+def reload_config(running: RunningProxy, environ: Mapping[str, str] | None = None) -> bool:
+    """Read the whole configuration file again and serve new requests with it (SIGHUP).
 
-    Invalid new material changes nothing: the old credentials keep serving and an error is
-    logged. Only the credentials are reloaded; other configuration changes need a restart.
+    See ``proxy.reload`` for what may change; the work is in ``_reload``. A file that does not
+    load, or credentials that do not, change nothing: the running configuration keeps serving,
+    the failure is counted, logged and shown in ``/health``. Returns whether it took effect.
     """
-    app = running.admin_app
-    old = app[CONFIG]
-    if old.source is None:
-        log.error("credential reload skipped: the configuration was not read from a file")
-        return False
+    live = running.admin_app[LIVE]
+    metrics = running.admin_app[METRICS]
+    source = live.config.source
     try:
-        config = load_config(old.source, environ if environ is not None else dict(os.environ))
+        if source is None:
+            raise ConfigError("config: not read from a file; nothing to reload")
+        config = load_config(source, environ if environ is not None else os.environ)
         credentials = load_credentials(config.client)
-        check_algorithm(credentials, old.oauth.algorithm)
+        check_algorithm(credentials, config.oauth.algorithm)
     except ProxyError as exc:
+        metrics.config_reloads.labels(outcome="failure").inc()
+        live.reloads.failed(exc.detail)
         log.error(
-            "credential reload failed; keeping the current credentials", extra={"error": exc.detail}
+            "configuration reload failed; keeping the running configuration",
+            extra={"error": exc.detail, "key": exc.detail.partition(":")[0]},
         )
         return False
-    app[TOKENS].replace_credentials(credentials)
+    _reload(running, config, credentials)
+    return True
+
+
+# Keys whose change needs a new token provider (and its session), or a new upstream session.
+_TOKEN_KEYS: Final = ("client.id", "oauth.")
+_UPSTREAM_KEYS: Final = ("upstream.",)
+Closer = Callable[[], Awaitable[Any]]
+
+
+def _reload(running: RunningProxy, new: Config, credentials: Credentials) -> None:
+    """Switch to ``new`` in one step: new requests use it, in-flight ones finish on the old."""
+    app = running.admin_app
+    live = app[LIVE]
+    metrics = app[METRICS]
+    old = live.config
+    plan = plan_reload(old, new)
+    config, changed = plan.config, plan.changed
+    retired: list[Closer] = []
+    provider = live.tokens
+    if any(k.startswith(_TOKEN_KEYS) and k != "oauth.scopes" for k in changed):
+        # Another client or token endpoint: tokens of the old one are no use any more.
+        retired += running.owned.pop(id(provider), [provider.close])
+        provider = _new_provider(running, config, credentials)
+    else:
+        # The same client: its cached tokens keep serving while ones signed anew arrive.
+        provider.replace_credentials(credentials)
+    provider.start(config.scope_sets)
+    session = running.handler.forwarder.session
+    # The mutual-TLS certificate is part of the session: renew it with the credentials.
+    if config.upstream.client_certificate or any(k.startswith(_UPSTREAM_KEYS) for k in changed):
+        retired += running.owned.pop(id(session), [session.close])
+        session = forward.make_session(config, credentials)
+        running.owned[id(session)] = [session.close]
+    running.handler.use(config, Forwarder(config, provider, session))
+    live.config, live.tokens = config, provider
+    running.drain_s = config.listen.drain_timeout_s
+    metrics.set_routes(r.prefix for r in config.routes)
+    metrics.add_scope_sets(config.scope_sets)
+    logs.use_config_level(config.log.level)
+    metrics.config_reloads.labels(outcome="success").inc()
+    metrics.config_last_reload_success.set_to_current_time()
+    live.reloads.succeeded()
+    if retired:
+        # A request started before the switch may still use them: at most the old total timeout.
+        limit_s = old.upstream.total_timeout_s + CANCEL_GRACE_S
+        task = asyncio.create_task(_retire(running.drain, retired, limit_s))
+        running.retiring.add(task)
+        task.add_done_callback(running.retiring.discard)
     log.info(
         "credentials reloaded",
         extra={
@@ -224,7 +297,39 @@ def reload_credentials(running: RunningProxy, environ: dict[str, str] | None = N
             "not_after": credentials.not_after.isoformat(),
         },
     )
-    return True
+    log.info(
+        "configuration reloaded",
+        extra={"changed": " ".join(changed) or "nothing", "routes": len(config.routes)},
+    )
+    if plan.needs_restart:
+        log.warning(
+            "configuration reload: these keys need a restart; their running values are kept",
+            extra={"needs_restart": " ".join(plan.needs_restart)},
+        )
+
+
+def _new_provider(running: RunningProxy, config: Config, credentials: Credentials) -> TokenProvider:
+    metrics = running.admin_app[METRICS]
+
+    def on_fetch(outcome: str, duration_s: float) -> None:
+        metrics.token_requests.labels(outcome=outcome).inc()
+        metrics.token_fetch.observe(duration_s)
+
+    session = oauth.make_session(config)
+    provider = TokenProvider(config, credentials, session, on_fetch=on_fetch)
+    running.owned[id(provider)] = [provider.close, session.close]
+    return provider
+
+
+async def _retire(drain: Drain, closers: list[Closer], limit_s: float) -> None:
+    """Close what a reload replaced once no request is in flight (or ``limit_s`` has passed)."""
+    try:
+        if drain.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drain.idle.wait(), limit_s)
+    finally:
+        for close in closers:
+            await close()
 
 
 async def listen(site: web.TCPSite, key: str, host: str, port: int) -> None:
@@ -310,10 +415,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_credentials, running)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, running)
     try:
         await stop.wait()
-        run_log.info("stopping: draining in-flight requests", extra={"drain_s": drain_s, **who})
+        run_log.info(
+            "stopping: draining in-flight requests", extra={"drain_s": running.drain_s, **who}
+        )
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         if watching is not None:

@@ -112,6 +112,7 @@ class TokenProvider(OAuthClient):
             maxsize=1024, ttu=lambda _key, token, _now: token.usable_until, timer=clock
         )
         self._maintainers: list[asyncio.Task[None]] = []
+        self._maintained: set[frozenset[str]] = set()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -168,8 +169,14 @@ class TokenProvider(OAuthClient):
         return result
 
     def start(self, scope_sets: Iterable[frozenset[str]] | None = None) -> None:
-        """Start background refresh for each scope set (default: those the routes use)."""
+        """Start background refresh for each scope set (default: those the routes use).
+
+        A scope set already refreshed is left as it is, so a reload may pass every set it has.
+        """
         for scopes in scope_sets if scope_sets is not None else self._config.scope_sets:
+            if scopes in self._maintained:
+                continue
+            self._maintained.add(scopes)
             entry = self._entry(scopes)
             self._maintainers.append(
                 asyncio.create_task(

@@ -152,7 +152,9 @@ async def test_health_up_details_name_expiry_outcome_certificate_and_draining(
     health = json.loads(body)
     assert health["status"] == "UP"
     details = health["details"]
-    assert set(details) == {"tokens", "certificate", "draining"}
+    assert set(details) == {"tokens", "certificate", "draining", "config"}
+    assert details["config"]["lastReload"] is None  # no SIGHUP yet
+    assert details["config"]["failingKey"] is None
     assert set(details["tokens"]) == {"scope:demo:consult", "scope:cbss:api:demo:consult"}
     now = datetime.now(UTC)
     for token in details["tokens"].values():
