@@ -22,6 +22,7 @@ from proxy.config import (
     ClientConfig,
     Config,
     ListenConfig,
+    LogConfig,
     OAuthConfig,
     Route,
     UpstreamConfig,
@@ -80,7 +81,17 @@ KSZ_TABLE: Final = [
 # test_known_keys_match_the_dataclasses and test_every_key_set_explicitly keep it honest.
 KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "": frozenset(
-        {"environment", "channel", "client", "oauth", "upstream", "listen", "admin", "routes"}
+        {
+            "environment",
+            "channel",
+            "client",
+            "oauth",
+            "upstream",
+            "listen",
+            "admin",
+            "log",
+            "routes",
+        }
     ),
     "client": frozenset(
         {"id", "pkcs12", "private_key", "certificate", "password_file", "password_env"}
@@ -130,6 +141,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
         }
     ),
     "admin": frozenset({"host", "port"}),
+    "log": frozenset({"level"}),
     "routes": frozenset({"prefix", "scopes", "upstream"}),
 }
 
@@ -450,6 +462,7 @@ FULL: Final[Mapping[str, Any]] = {
         "shared_secret_file": "shared.key",
     },
     "admin": {"host": "::1", "port": 19090},
+    "log": {"level": "warning"},
     "routes": [
         {"prefix": "/REST/b/v1"},
         {"prefix": "/REST/alpha/v1/", "scopes": ["scope:c"], "upstream": "https://other.example/"},
@@ -486,6 +499,7 @@ def test_known_keys_match_the_dataclasses() -> None:
         "upstream": UpstreamConfig,
         "listen": ListenConfig,
         "admin": AdminConfig,
+        "log": LogConfig,
         "routes": Route,
     }
     for name, cls in tables.items():
@@ -555,6 +569,7 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
             shared_secret=Secret("s3cret-shared"),
         ),
         admin=AdminConfig(host="::1", port=19090),
+        log=LogConfig(level="warning"),
         routes=(
             Route(
                 prefix="/REST/alpha/v1",
@@ -1201,6 +1216,7 @@ ILLUSTRATIONS: Final = frozenset(
         "oauth.ca_file",
         "upstream.ca_file",
         "listen.shared_secret_file",
+        "log.level",
         "routes.scopes",
     }
 )
