@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from proxy.config import Config, parse_config
 from proxy.reload import RESTART_ONLY, changed_keys, plan_reload
 from tests.support.chain import ConfigWriter
 from tests.support.config import DEMO, OTHER, toml
-from tests.support.fakes import UpstreamHandle
+from tests.support.fakes import AuthServerHandle, UpstreamHandle
 from tests.support.partner import PKCS12_PASSWORD
-from tests.support.process import get, run_proxy, wait_ready
+from tests.support.process import get, run_proxy, run_to_exit, wait_ready
 from tests.support.wait import until
 
 
@@ -186,3 +187,23 @@ def test_the_log_level_of_the_file_applies_unless_the_command_line_set_one() -> 
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table", ["listen", "admin"])
+async def test_a_port_that_is_taken_costs_no_token_request(
+    config_writer: ConfigWriter, authserver: AuthServerHandle, table: str
+) -> None:
+    # The listeners are bound before the token refresher starts (issue 16): a port that is
+    # taken is exit 2 before anything is asked of the token endpoint.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = config_writer(**{table: {"port": port}})
+        before = authserver.server.token_requests
+        code, lines = await run_to_exit(config)
+        await asyncio.sleep(0.5)  # a request sent just before the exit would have arrived
+    assert code == 2
+    assert any(f"{table}.port: cannot listen on 127.0.0.1:{port}" in line for line in lines)
+    assert authserver.server.token_requests == before
