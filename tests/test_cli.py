@@ -932,6 +932,36 @@ def test_token_failure_gives_reason_and_hint(
     assert "--scope" in result.err
 
 
+def test_token_without_scope_asks_for_the_routes_scopes_and_logs_no_retries(fakes: Fakes) -> None:
+    # The real console script (issue 16): the routes' scope set is asked for and named, and a
+    # refusal is one answer, not a retry schedule in the log.
+    ksz_proxy = str(Path(sys.executable).parent / "ksz-proxy")
+    config = str(fakes.box.config_path)
+    before = set(fakes.issued_tokens())
+    done = subprocess.run(  # noqa: S603  # our own console script
+        [ksz_proxy, "--log-level", "info", "token", "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"scopes {demo.SCOPE} (the routes' {API}; --scope asks for others)" in done.stdout
+    assert f"scopes asked    {demo.SCOPE}" in done.stdout
+    assert len(set(fakes.issued_tokens()) - before) == 1
+    done = subprocess.run(  # noqa: S603  # our own console script
+        [ksz_proxy, "--log-level", "debug", "token", "-c", config, "--scope", "scope:not:granted"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "reason: rejected, invalid_scope" in done.stdout
+    assert "retry" not in done.stderr.lower()
+    assert "token request failed" not in done.stderr
+
+
 # -- sandbox -----------------------------------------------------------------------------------
 
 

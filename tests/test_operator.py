@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from proxy.oauth import HINTS
 from proxy.sandbox.pki import CertificateAuthority
 
 KSZ_PROXY = Path(sys.executable).parent / "ksz-proxy"
@@ -474,5 +475,7 @@ def test_an_unreachable_token_endpoint_hint_names_no_forward_proxy(tmp_path: Pat
     assert done.returncode == 1
     assert "reason: unreachable" in done.stdout
     said = (done.stdout + done.stderr).replace("ksz-proxy", "").replace("ksz_proxy", "")
-    assert "hint=check DNS and the firewall flow to the token endpoint" in said
+    assert "fix:    check DNS" in said
     assert "prox" not in said.lower()
+    # What the running proxy logs as the hint says the same.
+    assert HINTS["unreachable"] == "check DNS and the firewall flow to the token endpoint"

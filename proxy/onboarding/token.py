@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from proxy import oauth, tokens
+from proxy import oauth
 from proxy.config import Config
 from proxy.config_reader import SCOPE_TOKEN
 from proxy.credentials import Credentials, load_setup
@@ -37,17 +38,41 @@ def token(
     for scope in requested:
         if not SCOPE_TOKEN.fullmatch(scope):
             raise ConfigError(f"--scope: {scope!r} is not a valid OAuth scope")
-    wanted = frozenset(requested) if requested else loaded.oauth.scopes
-    return asyncio.run(_token(loaded, credentials, wanted, show_token, out))
+    if requested:
+        return asyncio.run(_tokens(loaded, credentials, [frozenset(requested)], show_token, out))
+    # As `check` does: the scope sets the routes ask for, said before the answer.
+    for scope_set in loaded.scope_sets:
+        prefixes = " ".join(r.prefix for r in loaded.routes if r.scopes == scope_set)
+        label = scope_label(scope_set, default=DEFAULT_TEXT)
+        print(f"scopes {label} (the routes' {prefixes}; --scope asks for others)", file=out)
+    print(file=out)
+    return asyncio.run(_tokens(loaded, credentials, loaded.scope_sets, show_token, out))
+
+
+async def _tokens(
+    config: Config,
+    credentials: Credentials,
+    scope_sets: Sequence[frozenset[str]],
+    show: bool,
+    out: TextIO,
+) -> int:
+    """Fetch and describe one token per scope set; exit 1 when any is refused."""
+    code = 0
+    for i, scopes in enumerate(scope_sets):
+        if i:
+            print(file=out)
+        code = max(code, await _token(config, credentials, scopes, show, out))
+    return code
 
 
 async def _token(
     config: Config, credentials: Credentials, scopes: frozenset[str], show: bool, out: TextIO
 ) -> int:
     async with oauth.make_session(config) as session:
-        provider = tokens.TokenProvider(config, credentials, session)
+        # The plain client, one request: no cache, no retries, so no backoff lines either.
+        provider = oauth.OAuthClient(config, credentials, session, (time.monotonic, time.time))
         try:
-            fetched = await provider.get(scopes)
+            fetched = await provider.fetch(scopes)
         except TokenUnavailable as exc:
             cause, fix = token_advice(exc, config, credentials, scopes, provider.clock_skew_s)
             code = f", {exc.oauth_error}" if exc.oauth_error else ""
