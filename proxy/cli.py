@@ -9,7 +9,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 from proxy import __version__, logs, workers
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the result as JSON")
 
     cert = commands.add_parser("cert-info", help="show a certificate or keystore")
+    # Without FILE or -c, and no configuration to fall back on, it shows how to call it.
+    cert.set_defaults(usage=cert.format_usage())
     source = cert.add_mutually_exclusive_group()
     source.add_argument("-c", "--config", help="take the client credentials of this config")
     source.add_argument("file", nargs="?", help=".p12/.pfx keystore or PEM certificate")
@@ -225,6 +228,13 @@ def _onboarding(args: argparse.Namespace) -> int:
             environ=environ,
             out=sys.stdout,
         )
+    if args.command == "cert-info" and args.file is None and not _config_at_hand(args, environ):
+        print(args.usage.rstrip(), file=sys.stderr)
+        print(
+            "ksz-proxy cert-info: give a FILE (.p12, .pfx, .crt, .pem) or -c CONFIG",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     from proxy.onboarding.certinfo import cert_info
 
     return cert_info(
@@ -234,6 +244,13 @@ def _onboarding(args: argparse.Namespace) -> int:
         export_crt=args.export_crt,
         environ=environ,
         out=sys.stdout,
+    )
+
+
+def _config_at_hand(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    """Return True when -c, $KSZ_PROXY_CONFIG or ./ksz-proxy.toml names a configuration."""
+    return (
+        bool(args.config or environ.get("KSZ_PROXY_CONFIG")) or Path(DEFAULT_CONFIG_NAME).exists()
     )
 
 

@@ -173,7 +173,13 @@ def load_client(client: ClientConfig) -> Credentials:
     )
 
 
-def load_pkcs12(path: Path, password: Secret | None, *, key: str = "client.pkcs12") -> Credentials:
+def load_pkcs12(
+    path: Path,
+    password: Secret | None,
+    *,
+    key: str = "client.pkcs12",
+    unlock_via: str = _PW_CONFIG_KEYS,
+) -> Credentials:
     """Load a PKCS#12 keystore (.p12/.pfx) holding the key, its certificate and maybe a chain."""
     data = _read_private(path, key)
     if not _looks_like_pkcs12(data):
@@ -187,7 +193,7 @@ def load_pkcs12(path: Path, password: Secret | None, *, key: str = "client.pkcs1
     try:
         loaded_key, certificate, extra = pkcs12.load_key_and_certificates(data, secret)
     except (TypeError, ValueError, UnsupportedAlgorithm) as exc:
-        raise CredentialError(_pkcs12_failure(data, path, key, secret)) from exc
+        raise CredentialError(_pkcs12_failure(data, path, key, secret, unlock_via)) from exc
     if loaded_key is None:
         raise CredentialError(f"{key}: {path} holds no private key")
     private_key = _check_key(loaded_key, path, key)
@@ -346,20 +352,22 @@ def opens_without_password(data: bytes) -> bool:
     return True
 
 
-def _pkcs12_failure(data: bytes, path: Path, key: str, secret: bytes | None) -> str:
+def _pkcs12_failure(
+    data: bytes, path: Path, key: str, secret: bytes | None, unlock_via: str = _PW_CONFIG_KEYS
+) -> str:
     # cryptography says "Invalid password or PKCS12 data" for every case; find out which.
     if secret is None:
         return (
-            f"{key}: {path} is password-protected (or damaged); set client.password_file or "
-            "client.password_env"
+            f"{key}: {path} is password-protected (or damaged); set "
+            f"{unlock_via.replace(' / ', ' or ')}"
         )
     if not opens_without_password(data):
         return (
-            f"{key}: wrong password for {path} ({_PW_CONFIG_KEYS}), or the keystore is damaged"
+            f"{key}: wrong password for {path} ({unlock_via}), or the keystore is damaged"
             f"{password_shape(secret.decode('utf-8'))}"
         )
     return (
-        f"{key}: {path} is not password-protected but a password is set ({_PW_CONFIG_KEYS}); "
+        f"{key}: {path} is not password-protected but a password is set ({unlock_via}); "
         "remove the password setting or protect the keystore"
     )
 

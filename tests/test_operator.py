@@ -479,3 +479,53 @@ def test_an_unreachable_token_endpoint_hint_names_no_forward_proxy(tmp_path: Pat
     assert "prox" not in said.lower()
     # What the running proxy logs as the hint says the same.
     assert HINTS["unreachable"] == "check DNS and the firewall flow to the token endpoint"
+
+
+# -- cert-info in its own words (item 11) --------------------------------------------------------
+
+
+def test_cert_info_without_arguments_shows_how_to_call_it(tmp_path: Path) -> None:
+    env_free = {k: v for k, v in os.environ.items() if k != "KSZ_PROXY_CONFIG"}
+    done = subprocess.run(  # noqa: S603  # our own console script
+        [str(KSZ_PROXY), "cert-info"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env_free,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: ksz-proxy cert-info")
+    assert "give a FILE (.p12, .pfx, .crt, .pem) or -c CONFIG" in done.stderr
+
+
+def test_cert_info_speaks_of_its_own_options(tmp_path: Path) -> None:
+    issued = CertificateAuthority().issue_client("words")
+    issued.write_pkcs12(tmp_path / "x.p12", b"right")
+    write_private(tmp_path / "wrong", "wrong\n")
+    done = ksz("cert-info", "x.p12", "--password-file", "wrong", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "(--password-file / --password-env)" in done.stderr
+    assert "client.password" not in done.stderr
+    write_private(tmp_path / "k.pem", issued.key_pem())
+    done = ksz("cert-info", "k.pem", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "k.pem holds a private key and no certificate" in done.stderr
+    write_private(tmp_path / "enc.pem", issued.key_pem(b"pw") + issued.cert_pem())
+    done = ksz("cert-info", "enc.pem", cwd=tmp_path, stdin="")
+    assert done.returncode == 2
+    assert "client." not in done.stderr
+
+
+def test_cert_info_refuses_to_export_an_expired_certificate(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    issued = CertificateAuthority().issue_client(
+        "old", not_before=now - timedelta(days=400), not_after=now - timedelta(days=2)
+    )
+    (tmp_path / "old.crt").write_bytes(issued.cert_pem())
+    done = ksz("cert-info", "old.crt", "--export-crt", "to-ksz.crt", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "Not exported to to-ksz.crt" in done.stdout
+    assert "EXPIRED" in done.stdout
+    assert not (tmp_path / "to-ksz.crt").exists()
