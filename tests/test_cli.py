@@ -40,11 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from proxy.cli import main
+from proxy.config import parse_config
 from proxy.credentials import load_pkcs12
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, TokenUnavailable
 from proxy.onboarding import check as checklist
 from proxy.onboarding.csr import parse_subject
-from proxy.onboarding.probes import CheckSettings
+from proxy.onboarding.probes import CheckSettings, endpoints
+from proxy.onboarding.steps import token_advice
 from proxy.sandbox import demo
 from proxy.sandbox.authserver import Fault
 from proxy.sandbox.demo import Sandbox, running_sandbox
@@ -977,3 +979,31 @@ def test_sandbox_demo_exits_0() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Demo succeeded." in done.stdout
+
+
+def test_check_hints_name_where_a_url_came_from(tmp_path: Path) -> None:
+    # "check oauth.token_url" misleads when the key is not in the file (issue 16).
+    base: dict[str, Any] = {
+        "environment": "acpt",
+        "client": {"id": "c", "pkcs12": str(tmp_path / "x.p12")},
+        "routes": [{"prefix": "/REST/a"}],
+    }
+    from_table = parse_config(base, {})
+    token, rest = endpoints(from_table, from_table.routes)
+    assert token.url_key.startswith("the token URL from environment = acpt, channel = extranet")
+    assert "oauth.token_url would override it" in token.url_key
+    assert rest.url_key.startswith("the REST URL from environment = acpt")
+    explicit = parse_config(
+        {
+            **base,
+            "oauth": {"token_url": "https://t.example/token"},
+            "upstream": {"url": "https://u.example"},
+        },
+        {},
+    )
+    token, rest = endpoints(explicit, explicit.routes)
+    assert (token.url_key, rest.url_key) == ("oauth.token_url", "upstream.url")
+    broken = TokenUnavailable("not a token answer", reason="invalid_response")
+    _cause, fix = token_advice(broken, from_table, None, frozenset(), None)  # type: ignore[arg-type]
+    assert fix.startswith("check the token URL from environment = acpt")
+    assert "prox" not in fix
