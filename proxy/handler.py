@@ -93,6 +93,7 @@ class ProxyHandler:
         route_prefix = "unrouted"
         started = time.perf_counter()
         response: web.StreamResponse | None = None
+        reason: str | None = None  # the problem's reason, when the proxy answered itself
         forwarder = self._forwarder  # this request's, even if a reload swaps it meanwhile
         max_body = self._max_body
         task = request.task
@@ -108,7 +109,10 @@ class ProxyHandler:
         except ProxyError as exc:
             if isinstance(exc, UpstreamError):
                 exchange.upstream_error = exc.reason
+            reason = exc.code
             response = self._problem(request, exc, trace_id)
+            if not exchange.bytes_out and isinstance(response.body, bytes):
+                exchange.bytes_out = len(response.body)  # the problem body the caller got
             return response
         finally:
             drain.leave(task)
@@ -128,7 +132,9 @@ class ProxyHandler:
             if exchange.retried:
                 self._metrics.retries.labels(route=route_prefix).inc()
             if access_log.isEnabledFor(logging.INFO):
-                self._log_access(request, trace_id, route_prefix, status, duration_s, exchange)
+                self._log_access(
+                    request, trace_id, route_prefix, status, duration_s, exchange, reason
+                )
 
     @staticmethod
     def _log_access(
@@ -138,6 +144,7 @@ class ProxyHandler:
         status: int,
         duration_s: float,
         exchange: Exchange,
+        reason: str | None,
     ) -> None:
         fields: dict[str, object] = {
             "trace_id": trace_id,
@@ -150,6 +157,7 @@ class ProxyHandler:
             "bytes_in": exchange.bytes_in,
             "bytes_out": exchange.bytes_out,
             "retried": exchange.retried,
+            "reason": reason,
         }
         logs.write_access(access_log, fields)
 
@@ -241,6 +249,16 @@ class _ProxyRequestHandler(RequestHandler):
                 "unexpected error in the request handler", extra={"error": name, "frames": frames}
             )
             error = InternalError("The proxy failed to handle the request.")
+        elif name == "InvalidURLError":
+            # Raw bytes outside ASCII in the target (llhttp refuses them): say how to send them.
+            log.info("malformed request refused", extra={"error": name, "status": 400})
+            status = 400
+            error = RequestRejected(
+                "The request target holds characters that must be percent-encoded (RFC 3986): "
+                "send non-ASCII characters as UTF-8 bytes in %XX form, e.g. é as %C3%A9.",
+                status=400,
+                reason="bad_target",
+            )
         else:
             log.info("malformed request refused", extra={"error": name, "status": status})
             if status not in (400, 413, 414, 431):
