@@ -97,7 +97,7 @@ def keystore(
         f'  pkcs12 = "{out_path}"\n'
         f'  password_file = "{password_path}"\n'
         f"Deployments want these two files owned by the proxy's user with mode 0400 "
-        f"(README, Deployment).",
+        f"(docs/deployment.md).",
         file=out,
     )
     return 0
