@@ -195,7 +195,8 @@ async def test_a_port_that_is_taken_costs_no_token_request(
     config_writer: ConfigWriter, authserver: AuthServerHandle, table: str
 ) -> None:
     # The listeners are bound before the token refresher starts (issue 16): a port that is
-    # taken is exit 2 before anything is asked of the token endpoint.
+    # taken is exit 2 before anything is asked of the token endpoint. This pins the outcome; the
+    # former order (refresher first) lost the race almost always too, so it is not a race test.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
