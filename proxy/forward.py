@@ -129,6 +129,11 @@ class Forwarder:
         # The egress decision per route, made once: the hot path only looks it up.
         self._egress = {route.prefix: route_egress(config, route) for route in config.routes}
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Return the upstream session (a reload that keeps it hands it to the next Forwarder)."""
+        return self._session
+
     async def forward(
         self, request: web.BaseRequest, route: Route, trace_id: str, exchange: Exchange
     ) -> web.StreamResponse:
