@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DIST ?= dist
 
-.PHONY: test lint deploy-check test-tools demo sandbox bench clean lock image image-base image-tools
+.PHONY: test lint deploy-check test-tools demo sandbox bench dist clean lock image image-base image-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ksz-proxy needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -48,6 +49,12 @@ sandbox: $(STAMP)
 bench: $(STAMP)
 	VENV=$(VENV) bash bench/run.sh $(BENCH_ARGS)
 
+# A wheel and an sdist in dist/, to install on a server (README, Install):
+#   pipx install dist/ksz_proxy-<version>-py3-none-any.whl
+dist: $(STAMP)
+	rm -rf $(DIST)
+	$(BIN)/python -m build --outdir $(DIST) .
+
 # The hashed lock files the image installs with --require-hashes: the runtime dependencies from
 # pyproject.toml, and the build backend pinned in its [build-system]. Resolved for the image's
 # Python (3.13, Linux) whatever Python runs this; every wheel's hash is kept, for any machine.
@@ -73,4 +80,4 @@ image-base: image-tools
 	bash deploy/image/base.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache .hypothesis

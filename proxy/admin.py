@@ -2,7 +2,8 @@
 
 - One process (``listen.workers = 1``, or each worker): the answers come from this process's
   token providers (one per client), drain and metrics, found under the typed ``AppKey``s below
-  (``server.py`` creates the resources under them).
+  (``server.py`` creates the resources under them, and a reload swaps them: ``LIVE``,
+  ``CLIENT_TOKENS``).
 - The supervisor of ``listen.workers`` > 1: the answers are the workers' own, asked over their
   admin sockets and merged: ``/metrics`` is every worker's metrics with a ``worker`` label added,
   ``/readyz`` is ready when every worker is, ``/health`` reports the worst worker at the top
@@ -17,6 +18,7 @@ import contextlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from aiohttp import web
@@ -30,17 +32,30 @@ from proxy.forward import Forwarder
 from proxy.health import ClientState, assess_clients
 from proxy.metrics import Metrics, scope_label
 from proxy.problems import problem_response
+from proxy.reload import ReloadStatus
 from proxy.tokens import TokenProvider
 
-CONFIG: Final = web.AppKey("config", Config)
+CONFIG: Final = web.AppKey("config", Config)  # as started; the one in use is LIVE's
 DRAIN: Final = web.AppKey("drain", Drain)
-TOKENS: Final = web.AppKey("tokens", TokenProvider)  # the default (first) client's
-# Every client's provider by client name; a route gets tokens from its own client's only.
+TOKENS: Final = web.AppKey("tokens", TokenProvider)  # the default client's, as started
+# Every client's provider by client name, as in use: a reload (SIGHUP) updates this very dict.
+# A route gets tokens from its own client's only.
 CLIENT_TOKENS: Final = web.AppKey("client_tokens", dict[str, TokenProvider])
-# Why each client's last credential reload failed (no secret), by client name.
+# Why a client's last reload kept its running credentials (no secret), by client name.
 RELOAD_ERRORS: Final = web.AppKey("reload_errors", dict[str, str])
 FORWARDER: Final = web.AppKey("forwarder", Forwarder)
 METRICS: Final = web.AppKey("metrics", Metrics)
+
+
+@dataclass(slots=True)
+class Live:
+    """What the per-process admin routes read besides the providers; a reload replaces it."""
+
+    config: Config
+    reloads: ReloadStatus
+
+
+LIVE: Final = web.AppKey("live", Live)
 
 # The text format generate_latest writes, as answered since the first release. Not
 # CONTENT_TYPE_LATEST: since prometheus-client 0.23 that names format 1.0.0, a change of answer.
@@ -109,7 +124,7 @@ async def _readyz(request: web.Request) -> web.Response:
     if app[DRAIN].draining:
         return not_ready("draining", "The proxy is shutting down.")
     for provider in app[CLIENT_TOKENS].values():
-        for scopes in provider.scope_sets:
+        for scopes in provider.scope_sets:  # those of the configuration in use
             if provider.peek(scopes) is None:
                 return not_ready(
                     "no_token", "No usable token yet for every client and configured scope set."
@@ -152,8 +167,14 @@ async def _health(request: web.Request) -> web.Response:
         ],
         draining=app[DRAIN].draining,
     )
-    # How each destination is reached (never with proxy credentials).
-    details = {**verdict.details, "egress": describe_destinations(app[CONFIG])}
+    live = app[LIVE]
+    details = {
+        **verdict.details,
+        # How each destination is reached (never with proxy credentials).
+        "egress": describe_destinations(live.config),
+        # A refused reload shows here; the status stays as it is: the running config still serves.
+        "config": live.reloads.details(),
+    }
     return web.json_response(
         {"status": verdict.status, "details": details},
         status=verdict.http_status,
@@ -197,7 +218,8 @@ async def _metrics(request: web.Request) -> web.Response:
         metrics.certificate_expiry.labels(client=name).set(
             provider.credentials.not_after.timestamp()
         )
-    skew = app[TOKENS].clock_skew_s
+    providers = app[CLIENT_TOKENS]
+    skew = providers[app[LIVE].config.client.name].clock_skew_s
     if skew is not None:
         metrics.clock_skew.set(skew)
     metrics.in_flight.set(app[DRAIN].in_flight)
@@ -276,6 +298,7 @@ def make_admin_app(config: Config, drain: Drain) -> web.Application:
     """Return one process's admin application; ``server.py`` adds the resources it reads."""
     app = web.Application(handler_args={"auto_decompress": False})
     app[CONFIG] = config
+    app[LIVE] = Live(config=config, reloads=ReloadStatus())
     app[DRAIN] = drain
     app[METRICS] = Metrics(
         (r.prefix for r in config.routes), config.token_keys, config.clients_by_name

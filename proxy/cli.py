@@ -9,7 +9,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 from proxy import __version__, logs, workers
@@ -34,18 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Local authenticating sidecar for the KSZ-BCSS REST APIs.",
     )
     parser.add_argument("--version", action="version", version=f"ksz-proxy {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=None,
-        choices=["debug", "info", "warning", "error"],
-        help="log threshold (default: info for run, warning otherwise)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default=None,
-        choices=["json", "text"],
-        help="log format on stderr (default: json for run, text otherwise)",
-    )
+    _log_options(parser, None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"config file (default: $KSZ_PROXY_CONFIG, else ./{DEFAULT_CONFIG_NAME})"
 
@@ -59,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--client", help="check this client only (default: every client)")
 
     cert = commands.add_parser("cert-info", help="show a certificate or keystore")
+    # Without FILE or -c, and no configuration to fall back on, it shows how to call it.
+    cert.set_defaults(usage=cert.format_usage())
     source = cert.add_mutually_exclusive_group()
     source.add_argument("-c", "--config", help="take the client credentials of this config")
     source.add_argument("file", nargs="?", help=".p12/.pfx keystore or PEM certificate")
@@ -68,7 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
     csr = commands.add_parser("csr", help="generate a private key and a certificate request")
     csr.add_argument("--subject", required=True, help='e.g. "CN=partner-acpt,O=Partner,C=BE"')
-    csr.add_argument("--key-type", choices=["rsa", "ec"], default="rsa")
+    csr.add_argument(
+        "--key-type",
+        choices=["rsa", "ec"],
+        default="rsa",
+        help="rsa: RSA 3072 (default); ec: EC P-256",
+    )
     csr.add_argument("--key-out", required=True, metavar="KEY")
     csr.add_argument("--csr-out", required=True, metavar="CSR")
     csr.add_argument(
@@ -85,6 +82,31 @@ def _parser() -> argparse.ArgumentParser:
         "--client", help='fetch for this client (default: "default", or the only client)'
     )
 
+    keystore = commands.add_parser(
+        "keystore",
+        help="build the PKCS#12 keystore (.p12) from a PEM key and its certificate",
+        description=(
+            "Join the private key made by `ksz-proxy csr` and the certificate the CA returned "
+            "into a PKCS#12 keystore (mode 0600) for client.pkcs12. The pair is checked as the "
+            "proxy checks it. An existing --password-file is used as the keystore password; a "
+            "missing one is created with a new random password (mode 0600)."
+        ),
+    )
+    keystore.add_argument("--key", required=True, metavar="KEY", help="PEM private key")
+    keystore.add_argument(
+        "--cert", required=True, metavar="CRT", help="its certificate (PEM or DER, with any chain)"
+    )
+    keystore.add_argument("--out", required=True, metavar="P12", help="keystore to create")
+    keystore.add_argument(
+        "--password-file",
+        required=True,
+        metavar="FILE",
+        help="keystore password (created with a random password when missing)",
+    )
+    keystore.add_argument(
+        "--key-password-file", metavar="FILE", help="password of KEY when it is encrypted"
+    )
+
     sandbox = commands.add_parser(
         "sandbox",
         help="run a fake KSZ with the proxy in front of it",
@@ -96,9 +118,29 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
     sandbox.add_argument("--admin-port", type=int, default=None, help="admin port (default 9090)")
     sandbox.add_argument(
-        "--demo", action="store_true", help="make one call through the proxy, print it, exit"
+        "--demo",
+        action="store_true",
+        help="make two calls through the proxy (a health check and an echo), print them, exit",
     )
+    for sub in commands.choices.values():
+        # Also after the command (`ksz-proxy sandbox --log-level info`); given there, it wins.
+        _log_options(sub, argparse.SUPPRESS)
     return parser
+
+
+def _log_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help="log threshold (default: info for run, warning otherwise)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=default,
+        choices=["json", "text"],
+        help="log format on stderr (default: json for run, text otherwise)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(
         args.log_level or ("info" if is_run else "warning"),
         args.log_format or ("json" if is_run else "text"),
+        pinned=args.log_level is not None,
     )
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except (ConfigError, CredentialError) as exc:
         print(f"ksz-proxy: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE
@@ -119,6 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _reader_gone() -> int:
+    """Exit quietly when stdout's reader left early (``ksz-proxy check | head -1``).
+
+    Output still buffered would fail again when the interpreter flushes it at exit, so stdout
+    is pointed at /dev/null first (as the Python documentation on SIGPIPE advises).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_FAILURE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -152,6 +211,17 @@ def _onboarding(args: argparse.Namespace) -> int:
             password=PasswordSource(file=args.password_file, env=args.password_env),
             out=sys.stdout,
         )
+    if args.command == "keystore":
+        from proxy.onboarding.keystore import keystore
+
+        return keystore(
+            key=args.key,
+            cert=args.cert,
+            keystore_out=args.out,
+            password_file=args.password_file,
+            key_password_file=args.key_password_file,
+            out=sys.stdout,
+        )
     config = config_path(args.config, environ)
     if args.command == "check":
         from proxy.onboarding.check import check
@@ -175,6 +245,13 @@ def _onboarding(args: argparse.Namespace) -> int:
             out=sys.stdout,
             client=args.client,
         )
+    if args.command == "cert-info" and args.file is None and not _config_at_hand(args, environ):
+        print(args.usage.rstrip(), file=sys.stderr)
+        print(
+            "ksz-proxy cert-info: give a FILE (.p12, .pfx, .crt, .pem) or -c CONFIG",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     from proxy.onboarding.certinfo import cert_info
 
     return cert_info(
@@ -187,8 +264,16 @@ def _onboarding(args: argparse.Namespace) -> int:
     )
 
 
+def _config_at_hand(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    """Return True when -c, $KSZ_PROXY_CONFIG or ./ksz-proxy.toml names a configuration."""
+    return (
+        bool(args.config or environ.get("KSZ_PROXY_CONFIG")) or Path(DEFAULT_CONFIG_NAME).exists()
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     config, credentials = load_setup(config_path(args.config, os.environ), os.environ)
+    logs.use_config_level(config.log.level)
     if config.listen.workers <= 1:
         return _loop_run(serve(config, credentials))
 

@@ -5,8 +5,9 @@ A configuration holds one or more clients (``[client]`` is the one named "defaul
 client's algorithm and be valid; two clients with the same id and the same certificate are
 refused (the config loader already refuses the same key files, this catches copies).
 
-A reload (SIGHUP) treats each client on its own: a client whose new material fails keeps the
-credentials it has and is reported; the others take their new ones.
+A reload (SIGHUP) treats each client on its own: a running client whose new material fails keeps
+running as it is (its settings and credentials) and is reported; the others take their new ones.
+A client new in the file has nothing to keep: its failure refuses the whole reload.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def keyring_for(config: Config, credentials: Credentials | Keyring) -> dict[str,
 
 @dataclass(slots=True)
 class Reload:
-    """The outcome of a credential reload: what serves now and which clients failed."""
+    """The outcome of loading every client's credentials again: what to run, what failed."""
 
+    clients: tuple[ClientConfig, ...]  # to run: the file's, or the running one where it failed
     keyring: dict[str, Credentials]
     changed: set[str] = field(default_factory=set)  # clients that took new credentials
     failures: dict[str, str] = field(default_factory=dict)  # client name -> error (no secret)
@@ -91,24 +93,30 @@ class Reload:
 
 
 def reload_keyring(running: Config, fresh: Config, current: Keyring) -> Reload:
-    """Reload each running client's credentials from ``fresh`` (the file read again).
+    """Load the credentials of every client of ``fresh`` (the file read again) on its own.
 
-    Only credentials change: each client keeps its name, id and algorithm as it started. A
-    client missing from ``fresh``, or whose material fails, keeps its current credentials.
+    A running client whose new material fails keeps running as it is (its table as it was and
+    its current credentials) and is reported; the others take theirs. A client that does not
+    run yet has nothing to keep: its failure raises the ``ConfigError`` that refuses the whole
+    reload, as does one identity given to two clients. A client gone from ``fresh`` is dropped.
     """
-    outcome = Reload(keyring=dict(current))
-    for client in running.clients:
-        new = fresh.clients_by_name.get(client.name)
+    before = running.clients_by_name
+    outcome = Reload(clients=fresh.clients, keyring={})
+    clients: list[ClientConfig] = []
+    for client in fresh.clients:
+        old = before.get(client.name)
         try:
-            if new is None:
-                raise ConfigError(f"{client.where}: client {client.name} is gone; restart")
-            if new.id != client.id:
-                raise ConfigError(f"{new.where}.id: changed; restart to use another client-id")
-            credentials = load_credentials(new)
-            check_algorithm(credentials, client.algorithm, algorithm_key(client))
+            credentials = load_checked(client)
         except ProxyError as exc:
+            if old is None:
+                raise ConfigError(exc.detail) from None
             outcome.failures[client.name] = exc.detail
+            outcome.keyring[client.name] = current[client.name]
+            clients.append(old)
             continue
         outcome.keyring[client.name] = credentials
         outcome.changed.add(client.name)
+        clients.append(client)
+    outcome.clients = tuple(clients)
+    check_identities(outcome.clients, outcome.keyring)
     return outcome

@@ -36,6 +36,8 @@ from proxy.secret import read_secret_file as read_secret_file
 
 Algorithm = Literal["RS256", "PS256", "ES256"]
 ALGORITHMS: Final[tuple[Algorithm, ...]] = ("RS256", "PS256", "ES256")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
@@ -138,6 +140,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    """Log output set in the file; ``--log-level`` on the command line wins over it."""
+
+    level: LogLevel | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     """One forwarded path prefix with its scope set, upstream origin and client."""
 
@@ -168,6 +177,7 @@ class Config:
     admin: AdminConfig
     routes: tuple[Route, ...]
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    log: LogConfig = LogConfig()
     source: Path | None = None
 
     @property
@@ -242,6 +252,7 @@ def parse_config(
     upstream = _upstream(reader.table("upstream"), default_rest, egress)
     listen = _listen(reader.table("listen"))
     admin = _admin(reader.table("admin"))
+    log = _log(reader.table("log"))
     routes = _routes(reader, clients, upstream, egress)
     reader.finish()
     if oauth.token_url is None and oauth.discovery_url is None:
@@ -264,6 +275,7 @@ def parse_config(
         admin=admin,
         routes=routes,
         egress=egress,
+        log=log,
         source=source,
     )
 
@@ -437,6 +449,12 @@ def _admin(t: Table) -> AdminConfig:
     return config
 
 
+def _log(t: Table) -> LogConfig:
+    config = LogConfig(**present(level=t.choice("level", LOG_LEVELS)))
+    t.finish()
+    return config
+
+
 def _routes(
     reader: Table,
     clients: tuple[ClientConfig, ...],
@@ -445,6 +463,7 @@ def _routes(
 ) -> tuple[Route, ...]:
     items = reader.table_list("routes")
     if not items:
+        reader.refuse_near("routes")
         raise ConfigError(
             'routes: at least one [[routes]] entry is required (prefix = "/REST/...")'
         )
@@ -614,6 +633,8 @@ def _clients(
             )
         clients.append(client)
     if not clients:
+        reader.refuse_near("client")
+        reader.refuse_near("clients")
         raise ConfigError("client: section [client] (or a [[clients]] entry) is required")
     return tuple(clients)
 

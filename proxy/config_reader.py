@@ -16,6 +16,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from proxy.errors import ConfigError
+from proxy.suggest import close_to, unknown_key
 
 T = TypeVar("T")
 S = TypeVar("S", bound=str)
@@ -51,13 +52,20 @@ class Table:
         """Refuse any key of this table that was not read."""
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown key (check the spelling)")
+            raise ConfigError(unknown_key(self.key(unknown[0]), self.data[unknown[0]], self.used))
+
+    def refuse_near(self, name: str) -> None:
+        """Before calling ``name`` missing, refuse an unknown key that looks like a typo of it."""
+        for other in sorted(set(self.data) - self.used - {name}):
+            if close_to(other, [name]):
+                raise ConfigError(unknown_key(self.key(other), self.data[other], [name]))
 
     def table(self, name: str, *, required: bool = False) -> Table:
         """Return the sub-table ``name`` (empty when absent and not required)."""
         value = self._get(name)
         if value is _MISSING:
             if required:
+                self.refuse_near(name)
                 raise ConfigError(f"{self.key(name)}: section [{self.key(name)}] is required")
             value = {}
         if not isinstance(value, dict):

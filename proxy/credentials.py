@@ -182,7 +182,13 @@ def load_client(client: ClientConfig) -> Credentials:
     )
 
 
-def load_pkcs12(path: Path, password: Secret | None, *, key: str = "client.pkcs12") -> Credentials:
+def load_pkcs12(
+    path: Path,
+    password: Secret | None,
+    *,
+    key: str = "client.pkcs12",
+    unlock_via: str | None = None,
+) -> Credentials:
     """Load a PKCS#12 keystore (.p12/.pfx) holding the key, its certificate and maybe a chain."""
     data = _read_private(path, key)
     if not _looks_like_pkcs12(data):
@@ -196,7 +202,7 @@ def load_pkcs12(path: Path, password: Secret | None, *, key: str = "client.pkcs1
     try:
         loaded_key, certificate, extra = pkcs12.load_key_and_certificates(data, secret)
     except (TypeError, ValueError, UnsupportedAlgorithm) as exc:
-        raise CredentialError(_pkcs12_failure(data, path, key, secret)) from exc
+        raise CredentialError(_pkcs12_failure(data, path, key, secret, unlock_via)) from exc
     if loaded_key is None:
         raise CredentialError(f"{key}: {path} holds no private key")
     private_key = _check_key(loaded_key, path, key)
@@ -222,18 +228,20 @@ def load_pem(
     *,
     key: str = "client.private_key",
     cert_key: str = "client.certificate",
+    unlock_via: str | None = None,
 ) -> Credentials:
     """Load a PEM private key (PKCS#8, PKCS#1 or SEC1, encrypted or not) and a PEM certificate.
 
     The certificate file may hold a chain; the certificate matching the key is the leaf.
     """
     key_data = _read_private(key_path, key)
-    private_key = _check_key(_load_pem_key(key_data, key_path, password, key), key_path, key)
+    loaded = _load_pem_key(key_data, key_path, password, where=key, unlock_via=unlock_via)
+    private_key = _check_key(loaded, key_path, key)
     cert_data = _read(cert_path, cert_key)
     # A combined key + certificate file is as secret as the key file itself.
     if b"PRIVATE KEY-----" in cert_data:
         _check_private(cert_path, cert_key)
-    certificates = _load_certificates(cert_data, cert_path, cert_key)
+    certificates = _load_certificates(cert_data, cert_path, where=cert_key)
     picked = _pick_leaf(private_key, certificates)
     if picked is None:
         raise CredentialError(
@@ -307,6 +315,28 @@ def _read(path: Path, key: str) -> bytes:
         raise CredentialError(f"{key}: cannot read {path} ({exc.strerror})") from None
 
 
+def password_shape(password: Secret | str | None) -> str:
+    """Return a note for a wrong-password error when the password's shape is a likely cause.
+
+    A password file keeps everything but one trailing newline, so an editor's extra blank line or
+    trailing spaces become part of the password. The note names the shape, never the content.
+    """
+    value = password.reveal() if isinstance(password, Secret) else password
+    if not value:
+        return ""
+    notes = []
+    lines = len(value.splitlines())
+    if lines > 1 or value.endswith(("\n", "\r")):
+        count = max(lines, 2)
+        notes.append(
+            f"it spans {count} lines (a password file holds one line; only its one trailing "
+            "newline is dropped)"
+        )
+    if value != value.rstrip(" \t") or value != value.lstrip(" \t"):
+        notes.append("it starts or ends with spaces or tabs, which count as part of it")
+    return "; note: the password " + " and ".join(notes) if notes else ""
+
+
 def _password_bytes(password: Secret | None) -> bytes | None:
     return None if password is None else password.reveal().encode("utf-8")
 
@@ -336,29 +366,36 @@ def _password_keys(key: str) -> str:
     return f"{table}.password_file / {table}.password_env"
 
 
-def _pkcs12_failure(data: bytes, path: Path, key: str, secret: bytes | None) -> str:
+def _pkcs12_failure(
+    data: bytes, path: Path, key: str, secret: bytes | None, unlock_via: str | None = None
+) -> str:
+    unlock_via = unlock_via or _password_keys(key)
     # cryptography says "Invalid password or PKCS12 data" for every case; find out which.
     if secret is None:
-        table = key.rpartition(".")[0] or "client"
         return (
-            f"{key}: {path} is password-protected (or damaged); set {table}.password_file or "
-            f"{table}.password_env"
+            f"{key}: {path} is password-protected (or damaged); set "
+            f"{unlock_via.replace(' / ', ' or ')}"
         )
     if not opens_without_password(data):
         return (
-            f"{key}: wrong password for {path} ({_password_keys(key)}), or the keystore is damaged"
+            f"{key}: wrong password for {path} ({unlock_via}), or the keystore is damaged"
+            f"{password_shape(secret.decode('utf-8'))}"
         )
     return (
-        f"{key}: {path} is not password-protected but a password is set "
-        f"({_password_keys(key)}); "
+        f"{key}: {path} is not password-protected but a password is set ({unlock_via}); "
         "remove the password setting or protect the keystore"
     )
 
 
 def _load_pem_key(
-    data: bytes, path: Path, password: Secret | None, where: str = "client.private_key"
+    data: bytes,
+    path: Path,
+    password: Secret | None,
+    *,
+    where: str = "client.private_key",
+    unlock_via: str | None = None,
 ) -> PrivateKeyTypes:
-    table = where.rpartition(".")[0] or "client"
+    unlock_via = unlock_via or _password_keys(where)
     if b"PRIVATE KEY-----" not in data:
         if b"-----BEGIN" in data:
             raise CredentialError(f"{where}: {path} holds no PEM private key")
@@ -370,19 +407,16 @@ def _load_pem_key(
         return serialization.load_pem_private_key(data, secret)
     except TypeError as exc:
         if secret is None:
-            message = (
-                f"{where}: {path} is encrypted; set {table}.password_file or {table}.password_env"
-            )
+            message = f"{where}: {path} is encrypted; set {unlock_via.replace(' / ', ' or ')}"
         else:
             message = (
-                f"{where}: {path} is not encrypted but a password is set "
-                f"({_password_keys(where)}); "
+                f"{where}: {path} is not encrypted but a password is set ({unlock_via}); "
                 "remove the password setting or encrypt the key"
             )
         raise CredentialError(message) from exc
     except ValueError as exc:
         if secret is not None and b"ENCRYPTED" in data:
-            message = f"{where}: wrong password for {path} ({_password_keys(where)})"
+            message = f"{where}: wrong password for {path} ({unlock_via}){password_shape(password)}"
         else:
             message = f"{where}: {path} holds a private key that cannot be read (damaged?)"
         raise CredentialError(message) from exc
@@ -393,7 +427,7 @@ def _load_pem_key(
 
 
 def _load_certificates(
-    data: bytes, path: Path, where: str = "client.certificate"
+    data: bytes, path: Path, *, where: str = "client.certificate"
 ) -> list[x509.Certificate]:
     try:
         if b"-----BEGIN" in data:

@@ -139,6 +139,11 @@ class Forwarder:
             route.prefix: _Egress.of(route_egress(config, route)) for route in config.routes
         }
 
+    @property
+    def session(self) -> UpstreamClient:
+        """Return the upstream client (a reload that keeps it hands it to the next Forwarder)."""
+        return self._client
+
     async def receive(self, request: web.BaseRequest) -> _Body:
         """Read the start of the caller's body: all of it when it is replayable."""
         declared = request.content_length

@@ -73,8 +73,6 @@ class ProxyHandler:
         drain: Drain,
         port: int,
     ) -> None:
-        self._config = config
-        self._forwarder = forwarder
         self._metrics = metrics
         self._drain = drain
         # The bound port, for the Host check; start() sets it once the listener is bound.
@@ -82,6 +80,24 @@ class ProxyHandler:
         self._admission = Admission(
             max_receiving=config.listen.max_receiving, max_in_flight=config.listen.max_in_flight
         )
+        self.use(config, forwarder)
+
+    @property
+    def forwarder(self) -> Forwarder:
+        """Return the forwarder new requests get."""
+        return self._forwarder
+
+    def use(self, config: Config, forwarder: Forwarder) -> None:
+        """Serve new requests with ``config`` and ``forwarder``; in-flight ones keep theirs.
+
+        One synchronous call: no request sees half of it. A request reads the inbound settings
+        before its first ``await`` and holds on to the forwarder it started with.
+        """
+        self._config = config
+        self._forwarder = forwarder
+        # The caps change with a reload; the counts of requests already admitted stay.
+        self._admission.max_receiving = config.listen.max_receiving
+        self._admission.max_in_flight = config.listen.max_in_flight
         self._max_body = config.listen.max_body_bytes
         secret = config.listen.shared_secret
         self._proxy_key = secret.reveal().encode() if secret is not None else None
@@ -93,6 +109,9 @@ class ProxyHandler:
         route_prefix = "unrouted"
         started = time.perf_counter()
         response: web.StreamResponse | None = None
+        reason: str | None = None  # the problem's reason, when the proxy answered itself
+        forwarder = self._forwarder  # this request's, even if a reload swaps it meanwhile
+        max_body = self._max_body
         task = request.task
         drain.enter(task)
         try:
@@ -100,18 +119,21 @@ class ProxyHandler:
             exchange.close = closes_connection(request.headers)
             route = self._accept(request)
             route_prefix = route.prefix
-            await self._continue(request)
+            await self._continue(request, max_body)
             body = None
             if request.body_exists:
                 with self._admission.receiving_body():
-                    body = await self._forwarder.receive(request)
+                    body = await forwarder.receive(request)
             with self._admission.forwarding():
-                response = await self._forwarder.forward(request, route, trace_id, exchange, body)
+                response = await forwarder.forward(request, route, trace_id, exchange, body)
             return response
         except ProxyError as exc:
             if isinstance(exc, UpstreamError):
                 exchange.upstream_error = exc.reason
+            reason = exc.code
             response = self._problem(request, exc, trace_id, close=exchange.close)
+            if not exchange.bytes_out and isinstance(response.body, bytes):
+                exchange.bytes_out = len(response.body)  # the problem body the caller got
             return response
         finally:
             drain.leave(task)
@@ -135,7 +157,9 @@ class ProxyHandler:
                     exchange.token_reflected
                 )
             if access_log.isEnabledFor(logging.INFO):
-                self._log_access(request, trace_id, route_prefix, status, duration_s, exchange)
+                self._log_access(
+                    request, trace_id, route_prefix, status, duration_s, exchange, reason
+                )
 
     @staticmethod
     def _log_access(
@@ -145,6 +169,7 @@ class ProxyHandler:
         status: int,
         duration_s: float,
         exchange: Exchange,
+        reason: str | None,
     ) -> None:
         fields: dict[str, object] = {
             "trace_id": trace_id,
@@ -157,6 +182,7 @@ class ProxyHandler:
             "bytes_in": exchange.bytes_in,
             "bytes_out": exchange.bytes_out,
             "retried": exchange.retried,
+            "reason": reason,
         }
         logs.write_access(access_log, fields)
 
@@ -184,7 +210,7 @@ class ProxyHandler:
         check_path(raw_path)
         return find_route(self._config.routes, raw_path)
 
-    async def _continue(self, request: web.BaseRequest) -> None:
+    async def _continue(self, request: web.BaseRequest, max_body: int) -> None:
         """Answer ``Expect: 100-continue`` only once the request is known to be acceptable."""
         expect = request.headers.get("Expect")
         if expect is None:
@@ -194,7 +220,7 @@ class ProxyHandler:
                 "Only Expect: 100-continue is supported.", status=400, reason="bad_expect"
             )
         length = request.content_length
-        if length is not None and length > self._max_body:
+        if length is not None and length > max_body:
             raise RequestRejected(
                 "The request body exceeds the size limit.", status=413, reason="payload_too_large"
             )
@@ -268,6 +294,16 @@ class _ProxyRequestHandler(RequestHandler):
                 "unexpected error in the request handler", extra={"error": name, "frames": frames}
             )
             error = InternalError("The proxy failed to handle the request.")
+        elif name == "InvalidURLError":
+            # Raw bytes outside ASCII in the target (llhttp refuses them): say how to send them.
+            log.info("malformed request refused", extra={"error": name, "status": 400})
+            status = 400
+            error = RequestRejected(
+                "The request target holds characters that must be percent-encoded (RFC 3986): "
+                "send non-ASCII characters as UTF-8 bytes in %XX form, e.g. é as %C3%A9.",
+                status=400,
+                reason="bad_target",
+            )
         else:
             log.info("malformed request refused", extra={"error": name, "status": status})
             if status not in (400, 413, 414, 431):

@@ -39,6 +39,8 @@ PROXY_KEY_HEADER: Final = "X-KSZ-Proxy-Key"
 _ENCODED_STRUCTURE: Final = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
 _BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
+# A refused Host is quoted in the 421 answer up to this many characters.
+_SHOWN_HOST_CHARS: Final = 64
 # A path still changing after this many decodings is refused rather than decoded further.
 _MAX_DECODINGS: Final = 3
 _VERSIONS: Final = frozenset({(1, 0), (1, 1)})
@@ -128,14 +130,24 @@ def check_host(host: str | None, listen: ListenConfig, port: int) -> None:
     if not host:
         raise RequestRejected("A Host header is required.", status=400, reason="missing_host")
     name, host_port = parse_host(host)
-    if name is None or name not in listen.allowed_hosts:
+    if (
+        name is None
+        or name not in listen.allowed_hosts
+        or (host_port is not None and host_port != port)
+    ):
         raise RequestRejected(
-            "This Host is not served here.", status=421, reason="host_not_allowed"
+            f"Host {shown_host(host)} is not served here: call localhost or 127.0.0.1 on this "
+            "port, or add the name to listen.allowed_hosts.",
+            status=421,
+            reason="host_not_allowed",
         )
-    if host_port is not None and host_port != port:
-        raise RequestRejected(
-            "This Host is not served here.", status=421, reason="host_not_allowed"
-        )
+
+
+def shown_host(host: str) -> str:
+    """Return ``host`` fit to quote in an answer or a log: safe characters only, bounded."""
+    head = host[:_SHOWN_HOST_CHARS]
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in ".-_:[]") else "?" for c in head)
+    return f'"{safe}{"..." if len(host) > _SHOWN_HOST_CHARS else ""}"'
 
 
 def parse_host(host: str) -> tuple[str | None, int | None]:

@@ -28,9 +28,22 @@ _ENCODER: Final = json.JSONEncoder(ensure_ascii=True, default=str)
 _ATOMIC_WRITE_BYTES: Final = 4096
 
 
+# Fields every line of this process carries (a worker's index with listen.workers), added after
+# the record's own; set once at start by set_context().
+_CONTEXT: dict[str, Any] = {}
+
+
+def set_context(**fields: str | int) -> None:
+    """Add ``fields`` to every line this process logs from now on (``worker=2``)."""
+    _CONTEXT.update(fields)
+
+
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """Return the structured fields a record carries, plain values only."""
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and isinstance(v, _PLAIN)}
+    """Return the structured fields a record carries, plain values only, then the context's."""
+    fields = {k: v for k, v in vars(record).items() if k not in _STANDARD and isinstance(v, _PLAIN)}
+    for key, value in _CONTEXT.items():
+        fields.setdefault(key, value)
+    return fields
 
 
 class JsonFormatter(logging.Formatter):
@@ -175,6 +188,8 @@ def write_access(logger: logging.Logger, fields: dict[str, Any]) -> None:
     """
     handler = _JSON_HANDLER
     root = logging.root.handlers
+    if _CONTEXT:
+        fields = {**fields, **{k: v for k, v in _CONTEXT.items() if k not in fields}}
     if handler is None or logger.handlers or not logger.propagate or root != [handler]:
         logger.info("request", extra=fields)
         return
@@ -195,9 +210,26 @@ def write_access(logger: logging.Logger, fields: dict[str, Any]) -> None:
     handler.write_line(_ENCODER.encode(entry))
 
 
-def setup(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Send every log record to ``stream`` (stderr) in the chosen format."""
+# The threshold setup() was given, and whether it came from --log-level (which then wins over the
+# configuration's log.level, at start and on every reload).
+_LEVEL: dict[str, Any] = {"default": "info", "pinned": False}
+
+
+def use_config_level(level: str | None) -> None:
+    """Apply the configuration's ``log.level`` (None: back to the default) unless pinned."""
+    if not _LEVEL["pinned"]:
+        logging.getLogger().setLevel((level or _LEVEL["default"]).upper())
+
+
+def setup(
+    level: str = "info", fmt: str = "json", stream: TextIO | None = None, *, pinned: bool = False
+) -> None:
+    """Send every log record to ``stream`` (stderr) in the chosen format.
+
+    ``pinned``: the level was given on the command line; the configuration cannot change it.
+    """
     global _JSON_HANDLER
+    _LEVEL.update(default=level, pinned=pinned)
     handler = LoopStreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     _JSON_HANDLER = handler if fmt == "json" else None

@@ -9,6 +9,7 @@ Children are cached per label tuple to keep ``.labels()`` off the hot path.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Final
 
@@ -22,6 +23,7 @@ from proxy.scopes import scope_label as scope_label
 
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TOKEN_OUTCOMES: Final = ("success", "rejected", "error")
+RELOAD_OUTCOMES: Final = ("success", "failure")
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -110,13 +112,23 @@ class Metrics:
             "kszproxy_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
-        self._clients = frozenset(clients)
-        for client in self._clients:
-            for outcome in TOKEN_OUTCOMES:
-                self.token_requests.labels(client=client, outcome=outcome)
-            self.token_fetch.labels(client=client)
-        for client, scopes in token_keys:
-            self.token_expiry.labels(client=client, scopes=scope_label(scopes)).set(0)
+        self.config_reloads = Counter(
+            "kszproxy_config_reloads",
+            "Configuration reloads (SIGHUP) by outcome: success, or failure (the old one stays).",
+            ["outcome"],
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "kszproxy_config_last_reload_success_timestamp_seconds",
+            "When the configuration in use was loaded (Unix time): start-up or the last reload.",
+            registry=r,
+        )
+        self.config_last_reload_success.set_to_current_time()
+        for outcome in RELOAD_OUTCOMES:
+            self.config_reloads.labels(outcome=outcome)
+        self._clients: frozenset[str] = frozenset()
+        self._current: frozenset[str] = frozenset()
+        self.use_clients(clients, token_keys)
         for route in self._routes:
             self.duration.labels(route=route)
         self._request_children: dict[tuple[str, str, int], Counter] = {}
@@ -128,6 +140,38 @@ class Metrics:
             raise ValueError("not a configured client")  # a label set stays closed
         self.token_requests.labels(client=client, outcome=outcome).inc()
         self.token_fetch.labels(client=client).observe(duration_s)
+
+    def set_routes(self, routes: Iterable[str]) -> None:
+        """Label requests by these route prefixes from now on (a reload changed the routes)."""
+        self._routes = frozenset(routes) | {"unrouted"}
+        for route in self._routes:
+            self.duration.labels(route=route)
+
+    def use_clients(
+        self, clients: Iterable[str], token_keys: Iterable[tuple[str, frozenset[str]]]
+    ) -> None:
+        """Label token series by these clients from now on (at start, or a reload changed them).
+
+        New clients and (client, scope set) pairs get their series (expiry 0 until a token is
+        held). The expiry gauges of a client that is gone are removed, so no alert fires on a
+        certificate nobody uses any more; its counters keep what they counted, and a request
+        that started before the reload may still count a token request of it.
+        """
+        names = frozenset(clients)
+        for gone in self._current - names:
+            with contextlib.suppress(KeyError):
+                self.certificate_expiry.remove(gone)
+            for name, label in _label_pairs(self.token_expiry):
+                if name == gone:
+                    self.token_expiry.remove(name, label)
+        for client in names - self._clients:
+            for outcome in TOKEN_OUTCOMES:
+                self.token_requests.labels(client=client, outcome=outcome)
+            self.token_fetch.labels(client=client)
+        self._clients |= names  # every client ever configured: still a closed set
+        self._current = names
+        for client, scopes in token_keys:
+            self.token_expiry.labels(client=client, scopes=scope_label(scopes))
 
     def route_label(self, prefix: str) -> str:
         """Return ``prefix`` when it is a configured route, else ``unrouted``."""
@@ -152,3 +196,12 @@ class Metrics:
     def render(self) -> bytes:
         """Return the registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _label_pairs(gauge: Gauge) -> list[tuple[str, str]]:
+    """Return the (client, scopes) label values of ``gauge``'s series."""
+    return [
+        (sample.labels["client"], sample.labels["scopes"])
+        for family in gauge.collect()
+        for sample in family.samples
+    ]

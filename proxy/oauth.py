@@ -51,7 +51,7 @@ HINTS: Final[Mapping[str, str]] = {
     "(or the local clock is off: see kszproxy_clock_skew_seconds)",
     "invalid_scope": "scope not granted to this client id",
     "unauthorized_client": "client id not allowed the client_credentials grant",
-    "unreachable": "check DNS, the firewall flow to the token endpoint and upstream proxies",
+    "unreachable": "check DNS and the firewall flow to the token endpoint",
     "timeout": "the token endpoint is slow or a firewall drops packets",
     "tls": "the token endpoint's certificate is not trusted (oauth.ca_file?)",
     "proxy_auth": PROXY_AUTH_HINT,

@@ -117,6 +117,7 @@ class TokenProvider(OAuthClient):
             maxsize=1024, ttu=lambda _key, token, _now: token.usable_until, timer=clock
         )
         self._maintainers: list[asyncio.Task[None]] = []
+        self._maintained: set[frozenset[str]] = set()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -181,9 +182,24 @@ class TokenProvider(OAuthClient):
         name = self.client.name
         return tuple(scopes for client, scopes in self._config.token_keys if client == name)
 
+    def use(self, config: Config, client: ClientConfig) -> None:
+        """Serve the routes of a reloaded ``config`` as ``client``, signing as before.
+
+        For a reload that changed neither ``client``'s signing settings nor the token endpoint's
+        ([oauth], [egress]): the cached tokens stay good. Call ``start`` for new scope sets.
+        """
+        self._config = config
+        self.client = client
+
     def start(self, scope_sets: Iterable[frozenset[str]] | None = None) -> None:
-        """Start background refresh for each scope set (default: those its routes use)."""
+        """Start background refresh for each scope set (default: those its routes use).
+
+        A scope set already refreshed is left as it is, so a reload may pass every set it has.
+        """
         for scopes in scope_sets if scope_sets is not None else self.scope_sets:
+            if scopes in self._maintained:
+                continue
+            self._maintained.add(scopes)
             entry = self._entry(scopes)
             self._maintainers.append(
                 asyncio.create_task(

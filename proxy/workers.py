@@ -43,6 +43,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
+from proxy import logs
 from proxy.admin import Answer, make_merged_admin_app
 from proxy.config import Config
 from proxy.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
@@ -114,6 +115,7 @@ def fork_workers(config: Config, run_worker: Callable[[WorkerSetup], int]) -> Su
         pid = os.fork()
         if pid == 0:
             code = EXIT_FAILURE
+            logs.set_context(worker=index)  # every line of this worker says which it is
             try:
                 code = run_worker(
                     WorkerSetup(index=index, admin_socket=socket, supervisor_pid=supervisor_pid)

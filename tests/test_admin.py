@@ -152,8 +152,10 @@ async def test_health_up_details_name_expiry_outcome_certificate_and_draining(
     health = json.loads(body)
     assert health["status"] == "UP"
     details = health["details"]
-    assert set(details) == {"tokens", "certificate", "clients", "draining", "egress"}
+    assert set(details) == {"tokens", "certificate", "clients", "draining", "egress", "config"}
     assert set(details["egress"].values()) == {"direct (no egress proxy)"}
+    assert details["config"]["lastReload"] is None  # no SIGHUP yet
+    assert details["config"]["failingKey"] is None
     assert set(details["tokens"]) == {"scope:demo:consult", "scope:cbss:api:demo:consult"}
     now = datetime.now(UTC)
     for token in details["tokens"].values():

@@ -40,11 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from proxy.cli import main
+from proxy.config import parse_config
 from proxy.credentials import load_pkcs12
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, TokenUnavailable
 from proxy.onboarding import check as checklist
 from proxy.onboarding.csr import parse_subject
-from proxy.onboarding.probes import CheckSettings
+from proxy.onboarding.probes import CheckSettings, endpoints
+from proxy.onboarding.steps import token_advice
 from proxy.sandbox import demo
 from proxy.sandbox.authserver import Fault
 from proxy.sandbox.demo import Sandbox, running_sandbox
@@ -743,7 +745,7 @@ def test_csr_rsa_with_every_attribute(tmp_path: Path, capsys: pytest.CaptureFixt
     assert request.public_key() == key.public_key()
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert "Next steps" in result.out
-    assert "cert-info partner.crt --export-crt" in result.out
+    assert f"cert-info {tmp_path / 'partner.crt'} --export-crt" in result.out
     assert "public-trust CA" in result.out
 
 
@@ -932,6 +934,36 @@ def test_token_failure_gives_reason_and_hint(
     assert "--scope" in result.err
 
 
+def test_token_without_scope_asks_for_the_routes_scopes_and_logs_no_retries(fakes: Fakes) -> None:
+    # The real console script (issue 16): the routes' scope set is asked for and named, and a
+    # refusal is one answer, not a retry schedule in the log.
+    ksz_proxy = str(Path(sys.executable).parent / "ksz-proxy")
+    config = str(fakes.box.config_path)
+    before = set(fakes.issued_tokens())
+    done = subprocess.run(  # noqa: S603  # our own console script
+        [ksz_proxy, "--log-level", "info", "token", "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"scopes {demo.SCOPE} (the routes' {API}; --scope asks for others)" in done.stdout
+    assert f"scopes asked    {demo.SCOPE}" in done.stdout
+    assert len(set(fakes.issued_tokens()) - before) == 1
+    done = subprocess.run(  # noqa: S603  # our own console script
+        [ksz_proxy, "--log-level", "debug", "token", "-c", config, "--scope", "scope:not:granted"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "reason: rejected, invalid_scope" in done.stdout
+    assert "retry" not in done.stderr.lower()
+    assert "token request failed" not in done.stderr
+
+
 # -- sandbox -----------------------------------------------------------------------------------
 
 
@@ -947,3 +979,31 @@ def test_sandbox_demo_exits_0() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Demo succeeded." in done.stdout
+
+
+def test_check_hints_name_where_a_url_came_from(tmp_path: Path) -> None:
+    # "check oauth.token_url" misleads when the key is not in the file (issue 16).
+    base: dict[str, Any] = {
+        "environment": "acpt",
+        "client": {"id": "c", "pkcs12": str(tmp_path / "x.p12")},
+        "routes": [{"prefix": "/REST/a"}],
+    }
+    from_table = parse_config(base, {})
+    token, rest = endpoints(from_table, from_table.routes)
+    assert token.url_key.startswith("the token URL from environment = acpt, channel = extranet")
+    assert "oauth.token_url would override it" in token.url_key
+    assert rest.url_key.startswith("the REST URL from environment = acpt")
+    explicit = parse_config(
+        {
+            **base,
+            "oauth": {"token_url": "https://t.example/token"},
+            "upstream": {"url": "https://u.example"},
+        },
+        {},
+    )
+    token, rest = endpoints(explicit, explicit.routes)
+    assert (token.url_key, rest.url_key) == ("oauth.token_url", "upstream.url")
+    broken = TokenUnavailable("not a token answer", reason="invalid_response")
+    _cause, fix = token_advice(broken, from_table, None, frozenset(), None)  # type: ignore[arg-type]
+    assert fix.startswith("check the token URL from environment = acpt")
+    assert "prox" not in fix

@@ -200,20 +200,52 @@ def test_a_reload_keeps_a_failing_clients_credentials_and_renews_the_others(
     assert "daas renewed" in outcome.keyring["daas"].subject
 
 
-def test_a_reload_never_changes_who_a_client_is(tmp_path: Path, material: Material) -> None:
+def test_a_reload_may_change_who_a_client_is_and_drop_a_client(
+    tmp_path: Path, material: Material
+) -> None:
+    # The whole file is reloaded (issue 16): a new client-id is taken with the file's credentials
+    # (proxy/server.py gives that client a new token provider), a client gone is dropped.
     setup_files(tmp_path, material)
     config = two_clients(tmp_path)
     current = load_keyring(config)
     path = tmp_path / "ksz-proxy.toml"
     path.write_text(path.read_text().replace(DAAS_ID, "other:new:client:confidential"))
     outcome = reload_keyring(config, load_config(path, {}), current)
-    assert outcome.changed == {"default"}
-    assert outcome.failures == {"daas": "clients[0].id: changed; restart to use another client-id"}
+    assert outcome.changed == {"default", "daas"}
+    assert outcome.failures == {}
+    assert outcome.clients[1].id == "other:new:client:confidential"
     gone = path.read_text().split("[[clients]]")[0] + '[[routes]]\nprefix = "/REST/demo/v1"\n'
     path.write_text(gone)
     outcome = reload_keyring(config, load_config(path, {}), current)
-    assert outcome.failures == {"daas": "clients[0]: client daas is gone; restart"}
+    assert outcome.failures == {}
+    assert [client.name for client in outcome.clients] == ["default"]
+    assert set(outcome.keyring) == {"default"}
+
+
+def test_a_reload_keeps_a_failing_running_client_as_it_runs_and_refuses_a_failing_new_one(
+    tmp_path: Path, material: Material
+) -> None:
+    setup_files(tmp_path, material)
+    config = two_clients(tmp_path)
+    current = load_keyring(config)
+    path = tmp_path / "ksz-proxy.toml"
+    # daas gets another id and a broken key: it keeps running as it did, with its id.
+    (tmp_path / "daas.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    path.write_text(path.read_text().replace(DAAS_ID, "other:new:client:confidential"))
+    outcome = reload_keyring(config, load_config(path, {}), current)
+    assert set(outcome.failures) == {"daas"}
+    assert outcome.failures["daas"].startswith("clients[0].private_key: ")
+    assert outcome.clients[1] is config.clients_by_name["daas"]
     assert outcome.keyring["daas"] is current["daas"]
+    assert outcome.changed == {"default"}
+    # A client the running proxy does not have yet has nothing to keep: the reload is refused.
+    path.write_text(
+        path.read_text().split("[[clients]]")[0] + '[[routes]]\nprefix = "/REST/demo/v1"\n'
+    )
+    running_alone = load_config(path, {})
+    fresh = two_clients(tmp_path)  # daas again, its key still broken
+    with pytest.raises(ConfigError, match=r"^clients\[0\]\.private_key: "):
+        reload_keyring(running_alone, fresh, {"default": current["default"]})
 
 
 def test_errors_are_proxy_errors_without_secrets(tmp_path: Path, material: Material) -> None:

@@ -30,7 +30,7 @@ from proxy.sandbox.authserver import RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.serve import serve
 from proxy.sandbox.upstream import FakeUpstream
-from proxy.server import RunningProxy, reload_credentials, start
+from proxy.server import RunningProxy, reload_config, start
 from tests.support.fakes import AuthServerHandle
 from tests.support.partner import CLIENT_ID, PartnerFiles
 from tests.support.process import run_proxy, wait_ready
@@ -323,7 +323,7 @@ async def test_a_reload_with_one_bad_keystore_keeps_that_clients_credentials(
     # The daas key file is broken; the default client's keystore is the same, still fine.
     (tmp_path / "daas.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
     requests_before = len(two.auth.server.requests)
-    assert reload_credentials(two.proxy, environ={}) is False
+    assert reload_config(two.proxy, environ={}) is False
     reload_errors = two.proxy.admin_app[RELOAD_ERRORS]
     assert set(reload_errors) == {"daas"}
     assert reload_errors["daas"].startswith("clients[0].private_key: ")
@@ -343,6 +343,54 @@ async def test_a_reload_with_one_bad_keystore_keeps_that_clients_credentials(
     assert health["details"]["clients"]["daas"]["reloadError"].startswith("clients[0].private_key")
     assert health["details"]["clients"]["default"]["reloadError"] is None
     assert len(before) == 2
+    # Whole-config reload (issue 16): a reload that kept a client's credentials counts as failed
+    # and names that client's key, while the rest of the file took effect.
+    config = health["details"]["config"]
+    assert (config["lastReload"], config["failingKey"]) == ("failure", "clients[0].private_key")
+    metrics = await two.metrics()
+    failure = ("kszproxy_config_reloads_total", frozenset({("outcome", "failure")}))
+    assert metrics[failure] == 1
+
+
+async def test_a_reload_gives_a_new_client_id_a_new_provider_and_keeps_the_others(
+    two: Two, ec_partner: Issued
+) -> None:
+    # Whole-config reload (issue 16) with several clients (issue 15): the daas client's id
+    # changes, so it gets a new token provider; the default client keeps its provider (and its
+    # cached tokens) and only signs anew; a new route of the daas client serves at once.
+    register_daas(two.auth, ec_partner)
+    await two.wait("/readyz", 200)
+    providers = two.proxy.admin_app[CLIENT_TOKENS]
+    default, daas = providers["default"], providers["daas"]
+    new_id = "other:daas2:client:confidential"
+    two.auth.server.register(
+        RegisteredClient(
+            client_id=new_id,
+            certificate=ec_partner.certificate,
+            scopes=frozenset({DAAS_SCOPE}),
+            default_scopes=frozenset({DAAS_SCOPE}),
+        )
+    )
+    text = two.config_file.read_text().replace(DAAS_ID, new_id)
+    text += '\n[[routes]]\nprefix = "/REST/daas/v2"\nclient = "daas"\n'
+    two.config_file.write_text(text)
+    assert reload_config(two.proxy, environ={}) is True
+    assert providers["default"] is default
+    assert providers["daas"] is not daas
+    assert providers["daas"].client.id == new_id
+    for path, client_id in (
+        (DAAS + "/a", new_id),
+        ("/REST/daas/v2/b", new_id),
+        (DEMO + "/c", CLIENT_ID),
+    ):
+        status, _ = await two.call("GET", path)
+        assert status == 200, path
+        assert two.upstream.clients_seen()[-1] == (path, client_id)
+    status, body = await two.admin("/health")
+    details = json.loads(body)["details"]
+    assert details["clients"]["daas"]["clientId"] == new_id
+    assert details["clients"]["daas"]["reloadError"] is None
+    assert (details["config"]["lastReload"], details["config"]["failingKey"]) == ("success", None)
 
 
 # -- workers: each worker holds every client's tokens ---------------------------------------------

@@ -22,6 +22,7 @@ from proxy.config import (
     ClientConfig,
     Config,
     ListenConfig,
+    LogConfig,
     OAuthConfig,
     Route,
     UpstreamConfig,
@@ -90,6 +91,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
             "upstream",
             "listen",
             "admin",
+            "log",
             "routes",
             "egress",
         }
@@ -161,6 +163,7 @@ KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
         }
     ),
     "admin": frozenset({"host", "port"}),
+    "log": frozenset({"level"}),
     "routes": frozenset({"prefix", "scopes", "upstream", "client", "proxy"}),
     "egress": frozenset(
         {
@@ -496,6 +499,7 @@ FULL: Final[Mapping[str, Any]] = {
         "shared_secret_file": "shared.key",
     },
     "admin": {"host": "::1", "port": 19090},
+    "log": {"level": "warning"},
     "routes": [
         {"prefix": "/REST/b/v1"},
         {
@@ -569,6 +573,7 @@ def test_known_keys_match_the_dataclasses() -> None:
         "upstream": UpstreamConfig,
         "listen": ListenConfig,
         "admin": AdminConfig,
+        "log": LogConfig,
         "routes": Route,
     }
     for name, cls in tables.items():
@@ -659,6 +664,7 @@ def test_every_key_set_explicitly(tmp_path: Path) -> None:
             shared_secret=Secret("s3cret-shared"),
         ),
         admin=AdminConfig(host="::1", port=19090),
+        log=LogConfig(level="warning"),
         routes=(
             Route(
                 prefix="/REST/alpha/v1",
@@ -872,7 +878,7 @@ UNKNOWN_KEY_CASES = [
     ("patch", "where"), UNKNOWN_KEY_CASES, ids=[w for _, w in UNKNOWN_KEY_CASES]
 )
 def test_unknown_keys_are_errors(tmp_path: Path, patch: dict[str, Any], where: str) -> None:
-    assert failure(tmp_path, patch) == f"{where}: unknown key (check the spelling)"
+    assert failure(tmp_path, patch).startswith(f"{where}: unknown key (")
 
 
 ERROR_CASES: list[tuple[dict[str, Any], str]] = [
@@ -1325,6 +1331,7 @@ ILLUSTRATIONS: Final = frozenset(
         "oauth.ca_file",
         "upstream.ca_file",
         "listen.shared_secret_file",
+        "log.level",
         "routes.scopes",
         "routes.proxy",
         "egress.proxy_url",

@@ -23,9 +23,11 @@ RANKS: Final[dict[str, int]] = {
             "scopes",
             "secret",
             "endpoints",
+            "suggest",
             "config_reader",
             "egress",
             "config",
+            "reload",
             "credentials",
             "clients",  # every client's credentials (proxy/clients.py)
             "tls",

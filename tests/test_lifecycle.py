@@ -362,7 +362,9 @@ async def test_sighup_with_a_broken_keystore_keeps_the_old_credentials(
         token_requests = server.token_requests
         proxy.send(signal.SIGHUP)
 
-        failed = await proxy.wait_entry("credential reload failed")
+        failed = await proxy.wait_entry(
+            "configuration reload failed; keeping the running configuration"
+        )
         status, _body = await get(session, proxy.proxy_url + DEMO + "/still")
         assert status == 200
         assert fake_upstream.upstream.seen[-1].target == DEMO + "/still"

@@ -397,6 +397,7 @@ async def test_access_log_line_per_request(chain: Chain, caplog: pytest.LogCaptu
         "bytes_in": 5,
         "bytes_out": len(body),
         "retried": False,
+        "reason": None,
     }
     assert 0 < first.duration_s < 10
     assert second.route == "unrouted"

@@ -63,7 +63,7 @@ from proxy.oauth import make_session
 from proxy.sandbox.authserver import Fault, RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.upstream import stream_chunks, stream_sha256
-from proxy.server import RunningProxy, reload_credentials, start
+from proxy.server import RunningProxy, reload_config, start
 from proxy.tokens import TokenProvider
 from tests.support.chain import Chain, ChainFactory
 from tests.support.config import DEMO, OTHER, chain_data, changed, make_config, write_toml
@@ -203,7 +203,7 @@ def sighup_reloads(running: RunningProxy) -> Iterator[None]:
     """Reload credentials on SIGHUP, with the very handler proxy/cli.py installs, for a while."""
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGHUP)
-    loop.add_signal_handler(signal.SIGHUP, reload_credentials, running)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, running)
     try:
         yield
     finally:

@@ -129,6 +129,18 @@ async def test_two_workers_share_the_port_and_the_admin_listener_merges_them(
     assert sorted(e["worker"] for e in stopped) == [0, 1]
     assert {e["logger"] for e in proxy.entries if "worker" in e["message"]} == {"ksz_proxy.cli"}
     assert messages[-1] == "ksz-proxy stopped"
+    # Every line a worker writes says which worker wrote it: access, token, reload (issue 16).
+    by_workers = [
+        e
+        for e in proxy.entries
+        if e["logger"] in {"ksz_proxy.access", "ksz_proxy.tokens"}
+        or e["message"] == "credentials reloaded"
+    ]
+    assert sum(e["logger"] == "ksz_proxy.access" for e in by_workers) == 40 + 4  # + the 404s
+    assert sum(e["logger"] == "ksz_proxy.tokens" for e in by_workers) >= WORKERS
+    assert {e.get("worker") for e in by_workers} == {0, 1}
+    # The supervisor's own lines carry none.
+    assert "worker" not in next(e for e in proxy.entries if e["message"] == "ksz-proxy started")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +29,9 @@ from proxy.credentials import (
 from proxy.errors import ConfigError
 from proxy.onboarding.files import PasswordSource, refuse_existing, write_new
 from proxy.onboarding.probes import ESB
+
+# Where cert-info's passwords come from, named in its error messages.
+_OPTIONS: Final = "--password-file / --password-env"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +64,13 @@ def cert_info(
     valid = cert.not_valid_before_utc <= now < cert.not_valid_after_utc
     for label, value in describe(material, now):
         print(f"{label:<12} {value}", file=out)
+    if export is not None and not valid:
+        print(
+            f"\nNot exported to {export}: this certificate is not valid now, and KSZ would refuse "
+            "to register it. Export the renewed certificate instead.",
+            file=out,
+        )
+        return 1
     if export is not None:
         write_new(export, cert.public_bytes(serialization.Encoding.PEM), 0o644, "--export-crt")
         print(
@@ -108,16 +118,23 @@ def load_material(
         secret = password.read("keystore password")
     elif not opens_without_password(data):
         secret = password.read(f"password for {path}")
-    return _from_credentials(load_pkcs12(path, secret, key="file"), "PKCS#12 keystore")
+    return _from_credentials(
+        load_pkcs12(path, secret, key="file", unlock_via=_OPTIONS), "PKCS#12 keystore"
+    )
 
 
 def _load_pem_file(password: PasswordSource, path: Path, data: bytes) -> Material:
+    if b"PRIVATE KEY-----" in data and b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(
+            f"file: {path} holds a private key and no certificate; run cert-info on the "
+            "certificate (.crt) the CA sent, or on a .p12 keystore"
+        )
     if b"PRIVATE KEY-----" in data:
         secret = None
         if password.given or b"ENCRYPTED" in data:
             secret = password.read(f"password for the key in {path}")
         return _from_credentials(
-            load_pem(path, path, secret, key="cert-info", cert_key="cert-info"),
+            load_pem(path, path, secret, key="file", cert_key="file", unlock_via=_OPTIONS),
             "PEM key and certificate",
         )
     if b"CERTIFICATE REQUEST-----" in data:

@@ -31,7 +31,7 @@ SUBJECT_ATTRIBUTES: Final[Mapping[str, x509.ObjectIdentifier]] = {
     "e": NameOID.EMAIL_ADDRESS,
     "serialnumber": NameOID.SERIAL_NUMBER,
 }
-_ESCAPABLE: Final = frozenset(' "#+,;<=>\\')
+_ESCAPABLE: Final = frozenset(' "#+,;<=>\\/')
 
 
 def csr(
@@ -77,6 +77,12 @@ def csr(
         key_path.unlink(missing_ok=True)  # ours, made a moment ago: no half-done pair stays
         raise
     protection = "encrypted" if secret is not None else "not encrypted"
+    crt = key_path.with_suffix(".crt")
+    p12 = key_path.with_suffix(".p12")
+    p12_password = p12.with_suffix(".password")
+    key_password = (
+        f" --key-password-file {password.file or 'KEY-PASSWORD-FILE'}" if secret is not None else ""
+    )
     print(
         f"Private key  {key_path} ({key_text}, PKCS#8 PEM, {protection}, mode 0600)\n"
         f"Request      {csr_path} (PKCS#10 PEM, subject {name.rfc4514_string()})\n"
@@ -84,22 +90,32 @@ def csr(
         f"Next steps\n"
         f"  1. Keep {key_path} secret and backed up: the certificate is useless without it.\n"
         f"  2. Send {csr_path} to a public-trust CA; KSZ wants one certificate per environment\n"
-        f"     (test, acpt, prod). The CA sends back the certificate (.crt, PEM or DER).\n"
-        f"  3. Check it:   ksz-proxy cert-info partner.crt\n"
-        f"  4. Export it:  ksz-proxy cert-info partner.crt --export-crt partner-ENV.crt\n"
-        f"     and send partner-ENV.crt to {ESB} with the client-id you\n"
+        f"     (test, acpt, prod). Save the certificate it sends back (PEM or DER) as {crt}.\n"
+        f"  3. Check it:   ksz-proxy cert-info {crt}\n"
+        f"  4. Export it:  mkdir -p to-ksz && ksz-proxy cert-info {crt} --export-crt "
+        f"to-ksz/{crt.name}\n"
+        f"     and send to-ksz/{crt.name} to {ESB} with the client-id you\n"
         f"     chose; KSZ registers it and grants the scopes.\n"
-        f'  5. Configure [client] id, private_key = "{key_path}", certificate = "partner.crt"\n'
-        f"     (and password_file if encrypted), then run:  ksz-proxy check",
+        f"  5. Build the keystore the deployment examples read:\n"
+        f"     ksz-proxy keystore --key {key_path} --cert {crt} --out {p12} \\\n"
+        f"         --password-file {p12_password}{key_password}\n"
+        f'  6. Configure [client] id, pkcs12 = "{p12}", password_file = "{p12_password}",\n'
+        f"     then run:  ksz-proxy check -c ksz-proxy.toml",
         file=out,
     )
     return 0
 
 
 def parse_subject(text: str) -> x509.Name:
-    """Parse an RFC 4514-like subject ("CN=...,O=...,C=BE"); refuse unknown attributes."""
+    """Parse a subject, RFC 4514-like ("CN=x,O=y,C=BE") or OpenSSL-style ("/C=BE/O=y/CN=x").
+
+    Unknown attributes are refused.
+    """
+    # OpenSSL's -subj form lists the attributes in certificate order, most general first.
+    openssl = text.lstrip().startswith("/")
+    parts = _split_unescaped(text.lstrip()[1:], "/") if openssl else _split_unescaped(text, ",")
     attributes: list[x509.NameAttribute[str]] = []
-    for part in _split_unescaped(text, ","):
+    for part in parts:
         name, sep, raw = part.partition("=")
         name = name.strip()
         if not sep or not name:
@@ -125,7 +141,7 @@ def parse_subject(text: str) -> x509.Name:
     if not any(a.oid == NameOID.COMMON_NAME for a in attributes):
         raise ConfigError('--subject: CN is required (e.g. "CN=partner-acpt,O=Partner,C=BE")')
     # RFC 4514 writes the most specific attribute first; the certificate stores it last.
-    return x509.Name(list(reversed(attributes)))
+    return x509.Name(attributes if openssl else list(reversed(attributes)))
 
 
 def _split_unescaped(text: str, separator: str) -> list[str]:

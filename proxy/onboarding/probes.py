@@ -35,6 +35,7 @@ from cryptography import x509
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
 from proxy.egress import PROXY_AUTH_FIX, EgressRoute, ProxyServer, decide
+from proxy.endpoints import ENDPOINTS
 from proxy.onboarding.tunnel import ProxyProtocolError, TunnelRefused, open_tunnel
 from proxy.tls import client_context
 
@@ -147,6 +148,23 @@ async def close_quietly(writer: asyncio.StreamWriter) -> None:
 # -- steps 2 to 4 ------------------------------------------------------------------------------
 
 
+def url_source(config: Config, key: str) -> str:
+    """Name where the URL at ``key`` came from: the key itself, or the built-in endpoint table.
+
+    A hint to "check oauth.token_url" misleads when that key is not in the file at all.
+    """
+    url = config.oauth.token_url if key == "oauth.token_url" else config.upstream.url
+    if config.environment is not None:
+        token_url, rest_url = ENDPOINTS[(config.environment, config.channel)]
+        if url == (token_url if key == "oauth.token_url" else rest_url):
+            what = "token URL" if key == "oauth.token_url" else "REST URL"
+            return (
+                f"the {what} from environment = {config.environment}, channel = "
+                f"{config.channel} (the built-in table; {key} would override it)"
+            )
+    return key
+
+
 def endpoints(config: Config, routes: Sequence[Route]) -> list[Endpoint]:
     """Return the token endpoint, then each distinct REST origin of ``routes``."""
     extranet = config.channel == "extranet"
@@ -156,7 +174,9 @@ def endpoints(config: Config, routes: Sequence[Route]) -> list[Endpoint]:
         Endpoint(
             label="token endpoint",
             url=token_url,
-            url_key="oauth.token_url" if oauth.token_url else "oauth.discovery_url",
+            url_key=url_source(config, "oauth.token_url")
+            if oauth.token_url
+            else "oauth.discovery_url",
             ca_key="oauth.ca_file",
             ca_file=oauth.ca_file,
             client_certificate=False,
@@ -171,7 +191,7 @@ def endpoints(config: Config, routes: Sequence[Route]) -> list[Endpoint]:
             Endpoint(
                 label="REST API",
                 url=route.upstream,
-                url_key="upstream.url"
+                url_key=url_source(config, "upstream.url")
                 if route.upstream == config.upstream.url
                 else "routes[].upstream",
                 ca_key="upstream.ca_file",

@@ -28,7 +28,7 @@ from proxy.clients import Keyring
 from proxy.config import DEFAULT_ALLOWED_HOSTS, ClientConfig, Config, Route
 from proxy.credentials import Credentials
 from proxy.errors import ProxyError, TokenUnavailable
-from proxy.onboarding.probes import ESB, CheckSettings, StepResult, fail, skip
+from proxy.onboarding.probes import ESB, CheckSettings, StepResult, fail, skip, url_source
 from proxy.scopes import DEFAULT_TEXT, scope_label
 from proxy.server import start
 
@@ -85,8 +85,8 @@ def token_advice(
         )
     fallback = {
         "unavailable": "the token endpoint is overloaded or down (HTTP 429 or 5xx): retry later",
-        "invalid_response": "check oauth.token_url: the answer is not a token endpoint's (a "
-        "TLS-inspecting proxy or a portal page may be answering)",
+        "invalid_response": f"check {url_source(config, 'oauth.token_url')}: the answer is not a "
+        "token endpoint's (a TLS-inspecting middlebox or a portal page may be answering)",
     }
     return exc.detail, hint or fallback.get(exc.reason, "retry; if it persists contact KSZ")
 

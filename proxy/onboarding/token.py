@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from proxy import oauth, tokens
+from proxy import oauth
 from proxy.clients import load_checked
 from proxy.config import ClientConfig, Config, default_client, load_config
 from proxy.config_reader import SCOPE_TOKEN
@@ -41,8 +42,23 @@ def token(
     for scope in requested:
         if not SCOPE_TOKEN.fullmatch(scope):
             raise ConfigError(f"--scope: {scope!r} is not a valid OAuth scope")
-    wanted = frozenset(requested) if requested else chosen.scopes
-    return asyncio.run(_token(loaded, chosen, credentials, wanted, show_token, out))
+    if requested:
+        wanted = [frozenset(requested)]
+        return asyncio.run(_tokens(loaded, chosen, credentials, wanted, show_token, out))
+    # As `check` does: the scope sets of this client's routes, said before the answer.
+    scope_sets = [scopes for name, scopes in loaded.token_keys if name == chosen.name]
+    for scope_set in scope_sets:
+        prefixes = " ".join(
+            r.prefix for r in loaded.routes if r.client == chosen.name and r.scopes == scope_set
+        )
+        label = scope_label(scope_set, default=DEFAULT_TEXT)
+        print(f"scopes {label} (the routes' {prefixes}; --scope asks for others)", file=out)
+    if not scope_sets:
+        scope_sets = [chosen.scopes]
+        label = scope_label(chosen.scopes, default=DEFAULT_TEXT)
+        print(f"scopes {label} (client {chosen.name}'s own; no route uses it)", file=out)
+    print(file=out)
+    return asyncio.run(_tokens(loaded, chosen, credentials, scope_sets, show_token, out))
 
 
 def token_client(config: Config, name: str | None) -> ClientConfig:
@@ -61,6 +77,23 @@ def token_client(config: Config, name: str | None) -> ClientConfig:
     return client
 
 
+async def _tokens(
+    config: Config,
+    client: ClientConfig,
+    credentials: Credentials,
+    scope_sets: Sequence[frozenset[str]],
+    show: bool,
+    out: TextIO,
+) -> int:
+    """Fetch and describe one token per scope set; exit 1 when any is refused."""
+    code = 0
+    for i, scopes in enumerate(scope_sets):
+        if i:
+            print(file=out)
+        code = max(code, await _token(config, client, credentials, scopes, show, out))
+    return code
+
+
 async def _token(
     config: Config,
     client: ClientConfig,
@@ -70,17 +103,20 @@ async def _token(
     out: TextIO,
 ) -> int:
     async with oauth.make_session(config) as session:
-        provider = tokens.TokenProvider(config, credentials, session, client=client)
+        # The plain client, one request: no cache, no retries, so no backoff lines either.
+        clocks = (time.monotonic, time.time)
+        provider = oauth.OAuthClient(config, credentials, session, clocks, client=client)
         try:
-            fetched = await provider.get(scopes)
+            fetched = await provider.fetch(scopes)
         except TokenUnavailable as exc:
             skew = provider.clock_skew_s
             cause, fix = token_advice(exc, config, credentials, scopes, skew, client)
             code = f", {exc.oauth_error}" if exc.oauth_error else ""
+            route = _route(config, provider)
             print(
                 f"No token for scopes {scope_label(scopes, default=DEFAULT_TEXT)}: {exc.detail}\n"
-                f"  route:  {provider.egress_route().describe()}\n"
-                f"  reason: {exc.reason}{code}\n"
+                + (f"  route:  {route}\n" if route else "")
+                + f"  reason: {exc.reason}{code}\n"
                 f"  cause:  {cause}\n"
                 f"  fix:    {fix}",
                 file=out,
@@ -89,10 +125,11 @@ async def _token(
         finally:
             await provider.close()
     expires = datetime.fromtimestamp(fetched.expires_at_wall, UTC)
+    route = _route(config, provider)
     lines = [
         ("client", f"{client.name} ({client.id})"),
         ("token endpoint", provider.token_url or "-"),
-        ("route", provider.egress_route().describe()),
+        *([("route", route)] if route else []),
         ("scopes asked", scope_label(scopes, default=DEFAULT_TEXT)),
         ("scope granted", fetched.granted_scope or "(not stated)"),
         ("token type", "Bearer"),
@@ -115,6 +152,15 @@ async def _token(
     for label, value in lines:
         print(f"{label:<15} {value}".replace("\n", "\n" + " " * 16), file=out)
     return 0
+
+
+def _route(config: Config, client: oauth.OAuthClient) -> str | None:
+    """Return how the token endpoint is reached; None when nothing sets a forward proxy.
+
+    Without [egress] or a proxy URL the output says nothing of proxies (issue 16 item 9).
+    """
+    route = client.egress_route()
+    return route.describe() if route.proxy is not None or config.egress.mode != "none" else None
 
 
 def decode_jwt(value: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:

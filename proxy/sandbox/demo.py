@@ -24,6 +24,7 @@ import aiohttp
 
 from proxy.config import Config, load_config
 from proxy.credentials import load_credentials
+from proxy.errors import ConfigError
 from proxy.sandbox.authserver import FakeAuthServer, RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority
 from proxy.sandbox.serve import Served, serve
@@ -156,38 +157,62 @@ async def wait_ready(sandbox: Sandbox, session: aiohttp.ClientSession, timeout_s
 
 async def run(*, port: int, admin_port: int, demo: bool, out: TextIO) -> int:
     """Run the sandbox until Ctrl-C, or with ``demo`` make one call through it and return."""
-    async with running_sandbox(port=port, admin_port=admin_port) as sandbox:
-        proxy_url = sandbox.proxy.proxy_url
-        admin_url = sandbox.proxy.admin_url
-        async with aiohttp.ClientSession(auto_decompress=False) as session:
-            await wait_ready(sandbox, session, timeout_s=20)
-            print(
-                f"ksz-proxy sandbox is running (fake KSZ on loopback, throw-away certificates)\n"
-                f"  proxy:   {proxy_url}{API}/...\n"
-                f"  admin:   {admin_url}/health  {admin_url}/readyz  {admin_url}/metrics\n"
-                f"  config:  {sandbox.config_path}\n"
-                f"  egress:  direct, never through a forward proxy (the fakes are on loopback; "
-                f"HTTPS_PROXY is ignored).\n"
-                f"           Behind your organisation's proxy to KSZ, add [egress] to your own "
-                f"configuration\n"
-                f'           (docs/configuration.md, "[egress]"), then run `ksz-proxy check`.',
-                file=out,
-                flush=True,
-            )
-            if demo:
-                return await _demo_call(session, proxy_url, sandbox, out)
-            print(
-                f"Try:\n"
-                f"  curl -s {proxy_url}{API}/health\n"
-                f"  curl -s '{proxy_url}{API}/persons/85073003328?fields=name' "
-                f"-H 'BelGov-Trace-Id: my-first-call'\n"
-                f"Stop with Ctrl-C.",
-                file=out,
-                flush=True,
-            )
-        await _until_signal()
-        print("ksz-proxy sandbox stopped", file=out, flush=True)
-        return 0
+    try:
+        async with running_sandbox(port=port, admin_port=admin_port) as sandbox:
+            return await _serve(sandbox, demo=demo, out=out)
+    except ConfigError as exc:
+        raise ConfigError(_in_options(exc.detail)) from None
+
+
+# The sandbox writes its own configuration: a port it cannot take is the option's fault.
+_PORT_OPTIONS: Final = {"listen.port:": "--port", "admin.port:": "--admin-port"}
+
+
+def _in_options(detail: str) -> str:
+    """Name the command-line option instead of the generated file's key in a port error."""
+    for key, option in _PORT_OPTIONS.items():
+        if detail.startswith(key):
+            rest = detail.removeprefix(key)
+            return f"{option}:{rest}; choose another port with {option} (0 picks a free one)"
+    return detail
+
+
+async def _serve(sandbox: Sandbox, *, demo: bool, out: TextIO) -> int:
+    """Print where the sandbox runs; make the demo calls, or wait for Ctrl-C."""
+    proxy_url = sandbox.proxy.proxy_url
+    admin_url = sandbox.proxy.admin_url
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        await wait_ready(sandbox, session, timeout_s=20)
+        print(
+            f"ksz-proxy sandbox is running (fake KSZ on loopback, throw-away certificates)\n"
+            f"  proxy:   {proxy_url}{API}/...\n"
+            f"  admin:   {admin_url}/health  {admin_url}/readyz  {admin_url}/metrics\n"
+            f"  config:  {sandbox.config_path}\n"
+            f"  egress:  direct, never through a forward proxy (the fakes are on loopback; "
+            f"HTTPS_PROXY is ignored).\n"
+            f"           Behind your organisation's proxy to KSZ, add [egress] to your own "
+            f"configuration\n"
+            f'           (docs/configuration.md, "[egress]"), then run `ksz-proxy check`.',
+            file=out,
+            flush=True,
+        )
+        if demo:
+            return await _demo_call(session, proxy_url, sandbox, out)
+        print(
+            f"Try:\n"
+            f"  curl -s {proxy_url}{API}/health\n"
+            f"  curl -s '{proxy_url}{API}/persons/85073003328?fields=name' "
+            f"-H 'BelGov-Trace-Id: my-first-call'\n"
+            f"  The last path segment picks what the fake API does: health, stream?bytes=N,\n"
+            f"  stall?seconds=S, stall-body, status/NNN, redirect, reset, gzip, headers-out;\n"
+            f"  anything else echoes the request (README, Sandbox).\n"
+            f"Stop with Ctrl-C.",
+            file=out,
+            flush=True,
+        )
+    await _until_signal()
+    print("ksz-proxy sandbox stopped", file=out, flush=True)
+    return 0
 
 
 async def _demo_call(

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 _PEM = serialization.Encoding.PEM
 
@@ -133,6 +134,25 @@ class CertificateAuthority:
         )
         return self._sign(builder, key)
 
+    def sign_request(
+        self, request: x509.CertificateSigningRequest, *, days: int = 365
+    ) -> x509.Certificate:
+        """Act as the partner's CA: issue a client certificate for a CSR (``ksz-proxy csr``)."""
+        public_key = request.public_key()
+        if not isinstance(public_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError("the sandbox CA signs RSA and EC keys only")
+        if not request.is_signature_valid:
+            raise ValueError("the request's signature does not verify")
+        now = datetime.now(UTC)
+        return (
+            self._leaf(request.subject, public_key)
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=days))
+            .add_extension(_key_usage(public_key), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self.private_key, hashes.SHA256())
+        )
+
     def client_ssl_context(self) -> ssl.SSLContext:
         """Return a TLS client context that trusts this CA only and checks host names."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies and checks host names
@@ -140,8 +160,8 @@ class CertificateAuthority:
         context.load_verify_locations(cadata=self.cert_pem().decode("ascii"))
         return context
 
-    def _leaf(self, subject: x509.Name, key: PrivateKey) -> x509.CertificateBuilder:
-        public_key = key.public_key()
+    def _leaf(self, subject: x509.Name, key: PrivateKey | PublicKey) -> x509.CertificateBuilder:
+        public_key = key if isinstance(key, PublicKey) else key.public_key()
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -239,12 +259,12 @@ def _rsa_key(key_size: int) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=key_size)
 
 
-def _key_usage(key: PrivateKey) -> x509.KeyUsage:
+def _key_usage(key: PrivateKey | PublicKey) -> x509.KeyUsage:
     # RSA TLS servers may still be asked for RSA key transport; EC keys only ever sign.
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+        key_encipherment=isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey),
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,
