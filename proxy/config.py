@@ -7,8 +7,9 @@ errors, so a typo never falls back silently to a default.
 
 The KSZ endpoint table (``proxy/endpoints.py``) is built in: ``environment`` and ``channel``
 choose the token endpoint and the REST base; explicit ``oauth.token_url`` / ``upstream.url``
-override them. Each default is written once, in its dataclass below; the section builders read
-the TOML through ``proxy.config_reader.Table`` and pass on only the keys that are present.
+override them. Each default is written once, in its dataclass (``proxy.config_sections``,
+re-exported here); the section builders (here, in ``config_clients.py`` and ``config_egress.py``)
+read the TOML through ``proxy.config_reader.Table`` and pass on only the keys that are present.
 """
 
 from __future__ import annotations
@@ -19,14 +20,33 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 
-from proxy import egress as egress_rules
+from proxy.config_clients import build_clients, route_client
+from proxy.config_egress import build_egress, proxy_choice
 from proxy.config_reader import Table, present
-from proxy.egress import EgressPolicy, ProxyChoice, ProxyServer
-from proxy.endpoints import CHANNELS, ENDPOINTS, ENVIRONMENT_ALIASES, Channel, Environment
+
+# The sections have their own module; every name stays importable from here.
+from proxy.config_sections import ALGORITHMS as ALGORITHMS
+from proxy.config_sections import DEFAULT_ALLOWED_HOSTS as DEFAULT_ALLOWED_HOSTS
+from proxy.config_sections import DEFAULT_CLIENT as DEFAULT_CLIENT
+from proxy.config_sections import DEFAULT_CONFIG_NAME as DEFAULT_CONFIG_NAME
+from proxy.config_sections import LOG_LEVELS as LOG_LEVELS
+from proxy.config_sections import AdminConfig as AdminConfig
+from proxy.config_sections import Algorithm as Algorithm
+from proxy.config_sections import ClientConfig as ClientConfig
+from proxy.config_sections import Config as Config
+from proxy.config_sections import ListenConfig as ListenConfig
+from proxy.config_sections import LogConfig as LogConfig
+from proxy.config_sections import LogLevel as LogLevel
+from proxy.config_sections import OAuthConfig as OAuthConfig
+from proxy.config_sections import Route as Route
+from proxy.config_sections import UpstreamConfig as UpstreamConfig
+from proxy.config_sections import default_client as default_client
+from proxy.config_sections import is_loopback_host
+from proxy.egress import EgressPolicy
+from proxy.endpoints import CHANNELS, ENDPOINTS, ENVIRONMENT_ALIASES, Environment
 from proxy.errors import ConfigError
 
 # Secrets and secret files have their own module; these names stay importable from here too.
@@ -34,174 +54,7 @@ from proxy.secret import Secret as Secret
 from proxy.secret import check_private_file as check_private_file
 from proxy.secret import read_secret_file as read_secret_file
 
-Algorithm = Literal["RS256", "PS256", "ES256"]
-ALGORITHMS: Final[tuple[Algorithm, ...]] = ("RS256", "PS256", "ES256")
-LogLevel = Literal["debug", "info", "warning", "error"]
-LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
-
-DEFAULT_CONFIG_NAME: Final = "ksz-proxy.toml"
-DEFAULT_ALLOWED_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClientConfig:
-    """One OAuth client of the partner: its name, id, key files and assertion shape.
-
-    ``[client]`` is the client named "default"; each ``[[clients]]`` entry is another. The
-    assertion settings and ``scopes`` are resolved: a client that does not set them has the
-    ``[oauth]`` values.
-    """
-
-    id: str
-    pkcs12: Path | None = None
-    private_key: Path | None = None
-    certificate: Path | None = None
-    password_file: Path | None = None
-    password_env: str | None = None
-    password: Secret | None = field(default=None, repr=False)
-    name: str = "default"
-    where: str = "client"  # its table, for messages: "client" or "clients[N]"
-    algorithm: Algorithm = "RS256"
-    key_id: str = "none"
-    audience: str | None = None
-    assertion_lifetime_s: int = 300
-    scopes: frozenset[str] = frozenset()  # for its routes that name none
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OAuthConfig:
-    """How to obtain tokens: endpoint, client assertion shape, scopes, retries."""
-
-    token_url: str | None
-    discovery_url: str | None = None
-    audience: str | None = None
-    algorithm: Algorithm = "RS256"
-    key_id: str = "none"
-    assertion_lifetime_s: int = 300
-    scopes: frozenset[str] = frozenset()
-    ca_file: Path | None = None
-    proxy: ProxyChoice = "egress"
-    timeout_s: float = 10.0
-    send_client_id: bool = False
-    refresh_ratio: float = 0.8
-    retry_initial_s: float = 1.0
-    retry_max_s: float = 60.0
-    default_expires_in_s: int = 300
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UpstreamConfig:
-    """The KSZ REST endpoint: origin, trust, timeouts and pool size."""
-
-    url: str
-    ca_file: Path | None = None
-    client_certificate: bool = False
-    proxy: ProxyChoice = "egress"
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-    total_timeout_s: float = 300.0
-    max_connections: int = 100
-    replay_max_bytes: int = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ListenConfig:
-    """The proxy listener the legacy application calls, and its inbound limits."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
-    max_body_bytes: int = 64 * 1024 * 1024
-    body_read_timeout_s: float = 30.0
-    keepalive_timeout_s: float = 15.0
-    drain_timeout_s: float = 20.0
-    max_in_flight: int = 256
-    # Requests still receiving their body are counted apart from those in flight upstream.
-    max_receiving: int = 1024
-    workers: int = 1
-    shared_secret_file: Path | None = None
-    shared_secret: Secret | None = field(default=None, repr=False)
-
-    @property
-    def is_loopback(self) -> bool:
-        """Return True when the listener binds a loopback address only."""
-        return _is_loopback(self.host)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AdminConfig:
-    """The admin listener: health, readiness and metrics."""
-
-    host: str = "127.0.0.1"
-    port: int = 9090
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LogConfig:
-    """Log output set in the file; ``--log-level`` on the command line wins over it."""
-
-    level: LogLevel | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Route:
-    """One forwarded path prefix with its scope set, upstream origin and client."""
-
-    prefix: str
-    scopes: frozenset[str]
-    upstream: str
-    client: str = "default"  # the name of the client whose tokens it carries
-    # How to reach the upstream: routes[].proxy when the route has its own upstream, else
-    # upstream.proxy; proxy_key names where it was set.
-    proxy: ProxyChoice = "egress"
-    proxy_key: str = field(default="upstream.proxy", compare=False)
-
-    def matches(self, path: str) -> bool:
-        """Return True when ``path`` is the prefix or lies under it on a segment boundary."""
-        return path == self.prefix or path.startswith(self.prefix + "/")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    """The whole validated configuration."""
-
-    environment: Environment | None
-    channel: Channel
-    clients: tuple[ClientConfig, ...]  # [client] first (named "default"), then [[clients]]
-    oauth: OAuthConfig
-    upstream: UpstreamConfig
-    listen: ListenConfig
-    admin: AdminConfig
-    routes: tuple[Route, ...]
-    egress: EgressPolicy = field(default_factory=EgressPolicy)
-    log: LogConfig = LogConfig()
-    source: Path | None = None
-
-    @property
-    def client(self) -> ClientConfig:
-        """Return the default client (see ``default_client``), else the first one."""
-        return self.clients_by_name.get(default_client(self.clients) or "", self.clients[0])
-
-    @property
-    def clients_by_name(self) -> Mapping[str, ClientConfig]:
-        """Return every client by its name."""
-        return {client.name: client for client in self.clients}
-
-    @property
-    def token_keys(self) -> tuple[tuple[str, frozenset[str]], ...]:
-        """Return each distinct (client name, scope set) the routes need, in route order."""
-        return tuple(dict.fromkeys((route.client, route.scopes) for route in self.routes))
-
-    @property
-    def scope_sets(self) -> tuple[frozenset[str], ...]:
-        """Return each distinct scope set the routes need, in route order."""
-        seen: dict[frozenset[str], None] = {}
-        for route in self.routes:
-            seen.setdefault(route.scopes, None)
-        return tuple(seen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,9 +99,9 @@ def parse_config(
     default_token_url, default_rest = (
         ENDPOINTS[(environment, channel)] if environment else (None, None)
     )
-    egress = _egress(reader.table("egress"), environ)
+    egress = build_egress(reader.table("egress"), environ)
     oauth = _oauth(reader.table("oauth"), default_token_url, egress)
-    clients = _clients(reader, client_table, oauth, environ)
+    clients = build_clients(reader, client_table, oauth, environ)
     upstream = _upstream(reader.table("upstream"), default_rest, egress)
     listen = _listen(reader.table("listen"))
     admin = _admin(reader.table("admin"))
@@ -292,55 +145,6 @@ def _environment(reader: Table) -> Environment | None:
     return env
 
 
-def _client(t: Table, environ: Mapping[str, str]) -> ClientConfig:
-    client_id = t.required_string("id")
-    if not client_id.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in client_id):
-        raise ConfigError(f"{t.key('id')}: must be a non-empty printable string")
-    pkcs12 = t.path("pkcs12")
-    private_key = t.path("private_key")
-    certificate = t.path("certificate")
-    password_file = t.path("password_file")
-    password_env = t.string("password_env")
-    t.finish()
-    if pkcs12 is not None and (private_key is not None or certificate is not None):
-        raise ConfigError(
-            f"{t.key('pkcs12')}: set either pkcs12 or private_key + certificate, not both"
-        )
-    if pkcs12 is None:
-        if private_key is None and certificate is None:
-            raise ConfigError(
-                f"{t.key('pkcs12')}: required (or set {t.key('private_key')} and "
-                f"{t.key('certificate')})"
-            )
-        if private_key is None:
-            raise ConfigError(f"{t.key('private_key')}: required with {t.key('certificate')}")
-        if certificate is None:
-            raise ConfigError(f"{t.key('certificate')}: required with {t.key('private_key')}")
-    if password_file is not None and password_env is not None:
-        raise ConfigError(f"{t.key('password_file')}: set password_file or password_env, not both")
-    password: Secret | None = None
-    if password_file is not None:
-        password = read_secret_file(password_file, t.key("password_file"))
-    elif password_env is not None:
-        if not _ENV_NAME.fullmatch(password_env):
-            raise ConfigError(f"{t.key('password_env')}: must be an environment variable name")
-        value = environ.get(password_env)
-        if not value:
-            raise ConfigError(
-                f"{t.key('password_env')}: environment variable {password_env} is not set"
-            )
-        password = Secret(value)
-    return ClientConfig(
-        id=client_id,
-        pkcs12=pkcs12,
-        private_key=private_key,
-        certificate=certificate,
-        password_file=password_file,
-        password_env=password_env,
-        password=password,
-    )
-
-
 def _oauth(t: Table, default_token_url: str | None, egress: EgressPolicy) -> OAuthConfig:
     token_url = t.https_url("token_url")
     discovery_url = t.https_url("discovery_url")
@@ -363,7 +167,7 @@ def _oauth(t: Table, default_token_url: str | None, egress: EgressPolicy) -> OAu
             assertion_lifetime_s=t.integer("assertion_lifetime_s", low=10, high=3600),
             scopes=t.scopes("scopes"),
             ca_file=t.existing_file("ca_file"),
-            proxy=_proxy_choice(t, "proxy", egress),
+            proxy=proxy_choice(t, "proxy", egress),
             timeout_s=t.number("timeout_s", low=0.1, high=300),
             send_client_id=t.boolean("send_client_id"),
             refresh_ratio=t.number("refresh_ratio", low=0.1, high=0.95),
@@ -390,7 +194,7 @@ def _upstream(t: Table, default_url: str | None, egress: EgressPolicy) -> Upstre
         **present(
             ca_file=t.existing_file("ca_file"),
             client_certificate=t.boolean("client_certificate"),
-            proxy=_proxy_choice(t, "proxy", egress),
+            proxy=proxy_choice(t, "proxy", egress),
             connect_timeout_s=t.number("connect_timeout_s", low=0.1, high=300),
             read_timeout_s=t.number("read_timeout_s", low=0.1, high=3600),
             total_timeout_s=t.number("total_timeout_s", low=0.1, high=86400),
@@ -474,8 +278,8 @@ def _routes(
         prefix = prefix.rstrip("/")
         scopes = t.scopes("scopes")
         own_upstream = t.origin("upstream")
-        client = _route_client(t, clients)
-        proxy = _proxy_choice(t, "proxy", egress)
+        client = route_client(t, clients)
+        proxy = proxy_choice(t, "proxy", egress)
         t.finish()
         if any(r.prefix == prefix for r in routes):
             raise ConfigError(f"{t.where}.prefix: {prefix} is configured twice")
@@ -498,90 +302,6 @@ def _routes(
     return tuple(sorted(routes, key=lambda r: len(r.prefix), reverse=True))
 
 
-def _egress(t: Table, environ: Mapping[str, str]) -> EgressPolicy:
-    """Validate ``[egress]``; the rules themselves live in ``proxy.egress``."""
-    proxy_url = t.string("proxy_url")
-    user = t.string("proxy_user")
-    password_file = t.path("proxy_password_file")
-    password_env = t.string("proxy_password_env")
-    no_proxy = t.string_list("no_proxy")
-    use_environment = bool(t.boolean("from_environment"))
-    t.finish()
-    if use_environment and proxy_url is not None:
-        raise ConfigError("egress.proxy_url: set proxy_url or from_environment = true, not both")
-    if use_environment and no_proxy is not None:
-        raise ConfigError(
-            "egress.no_proxy: with from_environment = true the list comes from NO_PROXY"
-        )
-    if not use_environment and proxy_url is None and no_proxy is not None:
-        raise ConfigError("egress.no_proxy: needs egress.proxy_url")
-    if password_file is not None and password_env is not None:
-        raise ConfigError(
-            "egress.proxy_password_file: set proxy_password_file or proxy_password_env, not both"
-        )
-    password: Secret | None = None
-    if password_file is not None:
-        password = read_secret_file(password_file, "egress.proxy_password_file")
-        egress_rules.check_password(password.reveal(), "egress.proxy_password_file")
-    elif password_env is not None:
-        if not _ENV_NAME.fullmatch(password_env):
-            raise ConfigError("egress.proxy_password_env: must be an environment variable name")
-        value = environ.get(password_env)
-        if not value:
-            raise ConfigError(
-                f"egress.proxy_password_env: environment variable {password_env} is not set"
-            )
-        egress_rules.check_password(value, "egress.proxy_password_env")
-        password = Secret(value)
-    if user is not None:
-        egress_rules.check_user(user, "egress.proxy_user")
-        if password is None:
-            raise ConfigError(
-                "egress.proxy_user: needs egress.proxy_password_file or egress.proxy_password_env"
-            )
-    elif password is not None:
-        raise ConfigError("egress.proxy_user: required with a proxy password")
-    authorization = (
-        Secret(egress_rules.basic_authorization(user, password.reveal()))
-        if user is not None and password is not None
-        else None
-    )
-    if use_environment:
-        return egress_rules.policy_from_environment(environ, authorization)
-    proxy = None
-    if proxy_url is not None:
-        address = egress_rules.parse_proxy_url(proxy_url, "egress.proxy_url")
-        proxy = ProxyServer(
-            host=address.host,
-            port=address.port,
-            authorization=authorization,
-            source="egress.proxy_url",
-        )
-    return EgressPolicy(
-        mode="none" if proxy is None else "explicit",
-        proxy=proxy,
-        no_proxy=egress_rules.parse_no_proxy(no_proxy or [], "egress.no_proxy"),
-        authorization=authorization,
-    )
-
-
-def _proxy_choice(t: Table, name: str, egress: EgressPolicy) -> ProxyChoice | None:
-    """Read a destination's ``proxy`` setting; None when absent (the dataclass default)."""
-    value = t.string(name)
-    if value is None:
-        return None
-    choice = egress_rules.parse_choice(value, t.key(name))
-    if isinstance(choice, str):
-        return choice
-    # A proxy named here uses the [egress] credentials, if any: one set per configuration.
-    return ProxyServer(
-        host=choice.host,
-        port=choice.port,
-        authorization=egress.authorization,
-        source=t.key(name),
-    )
-
-
 def _check_prefix(prefix: str, key: str) -> None:
     if not prefix.startswith("/") or prefix == "/":
         raise ConfigError(f'{key}: must start with "/" and name at least one segment')
@@ -594,137 +314,12 @@ def _check_prefix(prefix: str, key: str) -> None:
             )
 
 
-# --------------------------------------------------------------------------------------------
-# Several clients: [client] is the client named "default", each [[clients]] entry another.
-
-DEFAULT_CLIENT: Final = "default"
-_CLIENT_NAME = re.compile(r"[a-z0-9_-]+")
-
-
-def default_client(clients: tuple[ClientConfig, ...]) -> str | None:
-    """Return the name routes use when they name none: "default", or the only client."""
-    if any(client.name == DEFAULT_CLIENT for client in clients):
-        return DEFAULT_CLIENT
-    return clients[0].name if len(clients) == 1 else None
-
-
-def _clients(
-    reader: Table, table: Table | None, oauth: OAuthConfig, environ: Mapping[str, str]
-) -> tuple[ClientConfig, ...]:
-    """Return [client] (if present) then every [[clients]] entry, names and identities checked."""
-    clients: list[ClientConfig] = []
-    if table is not None:
-        clients.append(_with_oauth(_client(table, environ), oauth))
-    for t in reader.table_list("clients"):
-        client = _named_client(t, oauth, environ)
-        if client.name == DEFAULT_CLIENT and table is not None:
-            raise ConfigError(
-                f'{t.key("name")}: "default" is the [client] table; give this client another '
-                "name, or drop [client]"
-            )
-        twin = next((c for c in clients if c.name == client.name), None)
-        if twin is not None:
-            raise ConfigError(f'{t.key("name")}: a client named "{client.name}" is already set')
-        twin = next((c for c in clients if _same_identity(c, client)), None)
-        if twin is not None:
-            raise ConfigError(
-                f'{t.key("id")}: client "{twin.name}" already has this id with the same key '
-                "files; one client per identity (routes choose scopes themselves)"
-            )
-        clients.append(client)
-    if not clients:
-        reader.refuse_near("client")
-        reader.refuse_near("clients")
-        raise ConfigError("client: section [client] (or a [[clients]] entry) is required")
-    return tuple(clients)
-
-
-def _named_client(t: Table, oauth: OAuthConfig, environ: Mapping[str, str]) -> ClientConfig:
-    name = t.required_string("name")
-    if not _CLIENT_NAME.fullmatch(name):
-        raise ConfigError(f"{t.key('name')}: must be lower-case letters, digits, _ or - only")
-    audience = t.string("audience")
-    if audience is not None and not audience.strip():
-        raise ConfigError(f"{t.key('audience')}: must not be empty")
-    algorithm = t.choice("algorithm", ALGORITHMS)
-    key_id = t.string("key_id")
-    if key_id is not None and (not key_id or any(ord(c) < 0x20 for c in key_id)):
-        raise ConfigError(
-            f'{t.key("key_id")}: must be none, "x5t#S256", "x5t" or a printable string'
-        )
-    lifetime = t.integer("assertion_lifetime_s", low=10, high=3600)
-    scopes = t.scopes("scopes")
-    client = _with_oauth(_client(t, environ), oauth)  # reads the key files and finishes t
-    return dataclasses.replace(
-        client,
-        name=name,
-        where=t.where,
-        algorithm=algorithm or client.algorithm,
-        key_id=key_id or client.key_id,
-        audience=audience or client.audience,
-        assertion_lifetime_s=lifetime or client.assertion_lifetime_s,
-        scopes=client.scopes if scopes is None else scopes,
-    )
-
-
-def _with_oauth(client: ClientConfig, oauth: OAuthConfig) -> ClientConfig:
-    """Return ``client`` with the [oauth] assertion settings and scopes."""
-    return dataclasses.replace(
-        client,
-        algorithm=oauth.algorithm,
-        key_id=oauth.key_id,
-        audience=oauth.audience,
-        assertion_lifetime_s=oauth.assertion_lifetime_s,
-        scopes=oauth.scopes,
-    )
-
-
-def _same_identity(a: ClientConfig, b: ClientConfig) -> bool:
-    """Return True when two clients have the same id and the same key material files.
-
-    Certificates in different files are compared once the credentials are loaded.
-    """
-    if a.id != b.id:
-        return False
-    files_a = (a.pkcs12,) if a.pkcs12 is not None else (a.private_key, a.certificate)
-    files_b = (b.pkcs12,) if b.pkcs12 is not None else (b.private_key, b.certificate)
-    return any(_same_file(x, y) for x in files_a for y in files_b)
-
-
-def _same_file(a: Path | None, b: Path | None) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        return a == b or a.resolve() == b.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: not our question to answer here
-        return False
-
-
-def _route_client(t: Table, clients: tuple[ClientConfig, ...]) -> ClientConfig:
-    """Return the client a route names, or the default client when it names none."""
-    by_name = {client.name: client for client in clients}
-    name = t.string("client")
-    if name is None:
-        name = default_client(clients)
-        if name is None:
-            raise ConfigError(
-                f"{t.key('client')}: required: there are several clients and none is named "
-                f'"default" (known: {", ".join(by_name)})'
-            )
-    client = by_name.get(name)
-    if client is None:
-        raise ConfigError(
-            f'{t.key("client")}: no client is named "{name}" (known: {", ".join(by_name)})'
-        )
-    return client
-
-
 def _same_socket(a: str, b: str) -> bool:
     """Return True when two listeners on these hosts and one port would collide."""
     if a == b or _is_unspecified(a) or _is_unspecified(b):
         return True
     # localhost binds the loopback addresses, so it collides with either of them.
-    return "localhost" in (a, b) and _is_loopback(a) and _is_loopback(b)
+    return "localhost" in (a, b) and is_loopback_host(a) and is_loopback_host(b)
 
 
 def _is_unspecified(host: str) -> bool:
@@ -737,12 +332,3 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -26,6 +26,9 @@ RANKS: Final[dict[str, int]] = {
             "suggest",
             "config_reader",
             "egress",
+            "config_sections",  # the config dataclasses (proxy/config_sections.py)
+            "config_egress",  # the [egress] builder
+            "config_clients",  # the [client] / [[clients]] builders
             "config",
             "reload",
             "credentials",
