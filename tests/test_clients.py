@@ -204,7 +204,7 @@ def test_a_reload_may_change_who_a_client_is_and_drop_a_client(
     tmp_path: Path, material: Material
 ) -> None:
     # The whole file is reloaded (issue 16): a new client-id is taken with the file's credentials
-    # (proxy/server.py gives that client a new token provider), a client gone is dropped.
+    # (proxy/running.py gives that client a new token provider), a client gone is dropped.
     setup_files(tmp_path, material)
     config = two_clients(tmp_path)
     current = load_keyring(config)

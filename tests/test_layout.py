@@ -54,9 +54,10 @@ RANKS: Final[dict[str, int]] = {
     "health": 4,  # reads tokens.TokenStatus
     "handler": 5,
     "admin": 5,
-    "server": 6,
-    "workers": 7,
-    "cli": 8,
+    "running": 6,  # RunningProxy and the whole-config reload (proxy/running.py)
+    "server": 7,
+    "workers": 8,
+    "cli": 9,
 }
 
 
