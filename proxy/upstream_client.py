@@ -39,8 +39,7 @@ import collections
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Final
 
 import httptools
@@ -48,364 +47,14 @@ from multidict import CIMultiDict
 
 from proxy.errors import ProxyTunnelError, UpstreamError, UpstreamTimeout
 
-_HIGH_WATER: Final = 256 * 1024  # answer bytes buffered before reading pauses
-_LOW_WATER: Final = 64 * 1024
+# One connection and its answer have their own module; these names stay importable from here.
+from proxy.upstream_protocol import Connection, Interim, Origin, Stale, upstream_error
+from proxy.upstream_protocol import EgressProxy as EgressProxy
+from proxy.upstream_protocol import UpstreamResponse as UpstreamResponse
+
 _RESENDABLE: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # aiohttp frames a bodiless request of these methods with "Content-Length: 0"; so do we.
 _EMPTY_LENGTH_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-
-
-def _error(reason: str) -> UpstreamError:
-    return UpstreamError(_DETAILS[reason], reason=reason)
-
-
-_DETAILS: Final = {
-    "dns": "The upstream host name does not resolve.",
-    "connect": "The upstream refused or dropped the connection.",
-    "tls": "The TLS handshake with the upstream failed.",
-    "reset": "The upstream connection was reset.",
-    "protocol": "The upstream answer could not be read.",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class EgressProxy:
-    """An HTTP forward proxy the upstream connections tunnel through (``CONNECT``)."""
-
-    host: str
-    port: int
-    authorization: str | None = None  # the Proxy-Authorization value, e.g. "Basic ..."
-
-    def __repr__(self) -> str:
-        return f"EgressProxy(host={self.host!r}, port={self.port})"
-
-
-@dataclass(frozen=True, slots=True)
-class _Origin:
-    """Where connections go, and the pool key: an origin, reached directly or through a proxy."""
-
-    host: str
-    port: int
-    host_header: str
-    base_path: str
-    proxy: EgressProxy | None = None
-
-
-class _Stale(Exception):
-    """A reused connection ended before any answer byte: the request may be sent again."""
-
-
-class _Interim(Exception):
-    """HEAD's answer head is complete: the parser must stop before it looks for a body."""
-
-
-class UpstreamResponse:
-    """One answer: status, reason, headers, and its body read as the caller wants it."""
-
-    __slots__ = ("_conn", "content_length", "headers", "reason", "status")
-
-    def __init__(self, conn: _Connection) -> None:
-        self._conn: _Connection | None = conn
-        self.status = conn.status
-        self.reason = conn.reason
-        self.headers = conn.headers
-        self.content_length = conn.content_length
-
-    async def read_chunk(self) -> bytes:
-        """Return the next body bytes, ``b""`` at the end of the body."""
-        if self._conn is None:
-            raise _error("reset")  # released: the connection may serve another request now
-        return await self._conn.read_chunk()
-
-    async def read(self) -> bytes:
-        """Return the whole body (for answers known to be small)."""
-        parts = []
-        while chunk := await self.read_chunk():
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def release(self) -> None:
-        """Give the connection back when the answer was read whole; otherwise close it."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.finish()
-
-
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: one exchange at a time, strict parsing, timeouts."""
-
-    def __init__(self, client: UpstreamClient, key: _Origin) -> None:
-        self._client = client
-        self.key = key
-        self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self._loop = asyncio.get_running_loop()
-        self.closed = False
-        self.idle_since = 0.0
-        self.uses = 0
-        self._reset_exchange()
-
-    def _reset_exchange(self) -> None:
-        self.status = 0
-        self.reason = ""
-        self.headers: CIMultiDict[str] = CIMultiDict()
-        self.content_length: int | None = None
-        self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._framed = False  # Content-Length or chunked: the answer does not end at EOF
-        self._active = False
-        self._keep = True
-        self._head = False  # the request was HEAD
-        self._any_byte = False
-        self._head_done = False
-        self._complete = False
-        self._sent = True
-        self._error: BaseException | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self._sender: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
-        self._wait_since = 0.0
-
-    # -- asyncio.Protocol ----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a stream transport
-
-    def data_received(self, data: bytes) -> None:
-        if not self._active or self._complete:
-            # Bytes nobody asked for: an answer appended to the last one, or a body on 204.
-            self._fail(_error("protocol"))
-            return
-        self._any_byte = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, _Interim):
-                self._fail(exc.__context__ or _error("protocol"))
-                return
-            # HEAD: the head is the whole answer; the parser cannot go on, nor the connection.
-            self._complete = True
-            self._keep = False
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._fail(_error("protocol"))
-            return
-        self._wake()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._active and not self._complete:
-            if self._head_done and not self._framed and self._error is None:
-                self._complete = True  # an answer delimited by the end of the connection
-            elif not self._any_byte and self.uses > 1 and self._sent_nothing_back():
-                self._fail(_Stale())
-            else:
-                self._fail(_error("reset"))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-        self._wake()
-        self._client.forget(self)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
-    # -- llhttp callbacks ----------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._head_done:
-            raise _error("protocol")  # a second answer to one request
-
-    def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if status == 101 or self._parser.should_upgrade():
-            raise _error("protocol")  # no upgrade was asked for
-        if status < 200:
-            self._raw_headers = []  # an interim answer: never passed on
-            return
-        headers = self.headers
-        for name, value in self._raw_headers:
-            headers.add(
-                name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
-            )
-        length = headers.get("Content-Length")
-        if length is not None:
-            self.content_length = int(length)  # llhttp accepted exactly one, all digits
-        coding = headers.getall("Transfer-Encoding", ())
-        if coding and (len(coding) > 1 or coding[0].lower() != "chunked"):
-            raise _error("protocol")  # one framing only: chunked, a length, or the end
-        self._framed = length is not None or bool(coding)
-        self.status = status
-        self._head_done = True
-        if self._head:
-            raise _Interim
-
-    def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def on_message_complete(self) -> None:
-        if self._head_done:
-            self._complete = True
-            self._keep = self._keep and self._parser.should_keep_alive()
-
-    # -- one exchange --------------------------------------------------------------------------
-
-    async def exchange(
-        self,
-        method: str,
-        head: bytes,
-        body: bytes | AsyncIterator[bytes] | None,
-        chunked: bool,
-        deadline: float,
-    ) -> UpstreamResponse:
-        self._reset_exchange()
-        self.uses += 1
-        self._active = True
-        self._head = method == "HEAD"
-        self._deadline = deadline
-        transport = self.transport
-        if transport is None or self.closed:
-            raise _Stale
-        if isinstance(body, bytes):
-            transport.write(head + body if len(body) <= 16384 else head)
-            if len(body) > 16384:
-                transport.write(body)
-        else:
-            transport.write(head)
-            if body is not None:
-                self._sent = False
-                self._sender = asyncio.create_task(self._send(body, chunked))
-        await self._wait(lambda: self._head_done)
-        return UpstreamResponse(self)
-
-    def _sent_nothing_back(self) -> bool:
-        return self._sender is None and not self._head_done
-
-    async def _send(self, body: AsyncIterator[bytes], chunked: bool) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        try:
-            async for chunk in body:
-                if self.closed:
-                    break
-                if not chunk:
-                    continue
-                if chunked:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-                else:
-                    transport.write(chunk)
-                if self._write_paused:
-                    self._drain = self._loop.create_future()
-                    await self._drain
-            else:
-                if chunked:
-                    transport.write(b"0\r\n\r\n")
-                self._sent = True
-        except Exception as exc:
-            self._fail(exc)  # the caller's body broke a limit: the forwarder knows the answer
-
-    async def read_chunk(self) -> bytes:
-        await self._wait(lambda: bool(self._chunks) or self._complete)
-        if not self._chunks:
-            return b""
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered < _LOW_WATER and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        return chunk
-
-    async def _wait(self, ready: Callable[[], bool]) -> None:
-        while True:
-            if self._error is not None:
-                raise self._error
-            if ready():
-                return
-            if self.closed:
-                raise _error("reset")
-            self._waiter = self._loop.create_future()
-            self._wait_since = self._loop.time()
-            self._arm()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    def _arm(self) -> None:
-        if self._timer is None:
-            when = min(self._deadline, self._wait_since + self._client.read_timeout_s)
-            self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._waiter is None or self._error is not None:
-            return
-        now = self._loop.time()
-        if now >= self._deadline or now - self._wait_since >= self._client.read_timeout_s:
-            self._fail(UpstreamTimeout())
-        else:
-            self._arm()
-
-    def _wake(self) -> None:
-        self._wait_since = self._loop.time()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._error is None:
-            self._error = exc
-        self.close(abort=True)
-        self._wake()
-
-    def finish(self) -> None:
-        """End the exchange: back to the pool when everything is done and clean, else close."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._sender is not None and not self._sender.done():
-            self._sender.cancel()
-            self._sent = False
-        reusable = (
-            self._complete and self._sent and self._error is None and not self.closed and self._keep
-        )
-        self._active = False
-        if reusable:
-            self._client.put_back(self)
-        else:
-            self.close()
-
-    def close(self, *, abort: bool = False) -> None:
-        """Close the connection: a TLS close_notify first, unless the peer broke the protocol."""
-        self.closed = True
-        if self.transport is not None:
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
-        self._client.forget(self)
 
 
 class UpstreamClient:
@@ -429,9 +78,9 @@ class UpstreamClient:
         self._total_timeout_s = total_timeout_s
         self._idle_s = idle_s
         self._dns_ttl_s = dns_ttl_s
-        self._origins: dict[tuple[str, EgressProxy | None], _Origin] = {}
-        self._idle: dict[_Origin, list[_Connection]] = {}
-        self._open: set[_Connection] = set()
+        self._origins: dict[tuple[str, EgressProxy | None], Origin] = {}
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._open: set[Connection] = set()
         self._connecting = 0
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._dns: dict[tuple[str, int], tuple[float, list[tuple[str, int]]]] = {}
@@ -469,14 +118,14 @@ class UpstreamClient:
                     raise UpstreamTimeout() from None
             try:
                 return await conn.exchange(method, head, body, chunked, deadline)
-            except _Stale:
+            except Stale:
                 conn.finish()
                 if fresh or not resendable:
-                    raise _error("reset") from None
+                    raise upstream_error("reset") from None
             except BaseException:
                 conn.finish()
                 raise
-        raise _error("reset")  # not reached: the second round returns or raises
+        raise upstream_error("reset")  # not reached: the second round returns or raises
 
     async def __aenter__(self) -> UpstreamClient:
         return self
@@ -498,13 +147,13 @@ class UpstreamClient:
 
     # -- the pool ------------------------------------------------------------------------------
 
-    def _origin(self, upstream: str, egress: EgressProxy | None) -> _Origin:
+    def _origin(self, upstream: str, egress: EgressProxy | None) -> Origin:
         origin = self._origins.get((upstream, egress))
         if origin is None:
             origin = self._origins[upstream, egress] = _parse_origin(upstream, egress)
         return origin
 
-    def _take_idle(self, origin: _Origin) -> _Connection | None:
+    def _take_idle(self, origin: Origin) -> Connection | None:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, the least likely to be closed
@@ -513,7 +162,7 @@ class UpstreamClient:
             conn.close()
         return None
 
-    async def _acquire(self, origin: _Origin, *, fresh: bool = False) -> _Connection:
+    async def _acquire(self, origin: Origin, *, fresh: bool = False) -> Connection:
         while True:
             conn = None if fresh else self._take_idle(origin)
             if conn is not None:
@@ -528,7 +177,7 @@ class UpstreamClient:
                 if waiter in self._slot_waiters:
                     self._slot_waiters.remove(waiter)
         self._connecting += 1
-        made: _Connection | None = None
+        made: Connection | None = None
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 made = await self._connect(origin)
@@ -555,7 +204,7 @@ class UpstreamClient:
                 waiter.set_result(None)
                 return
 
-    def put_back(self, conn: _Connection) -> None:
+    def put_back(self, conn: Connection) -> None:
         if self._closing:
             conn.close()
             return
@@ -565,7 +214,7 @@ class UpstreamClient:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._idle_s, self._sweep)
 
-    def forget(self, conn: _Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         self._open.discard(conn)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
@@ -583,9 +232,9 @@ class UpstreamClient:
 
     # -- connecting ----------------------------------------------------------------------------
 
-    async def _connect(self, origin: _Origin) -> _Connection:
+    async def _connect(self, origin: Origin) -> Connection:
         loop = asyncio.get_running_loop()
-        conn = _Connection(self, origin)
+        conn = Connection(self, origin)
         if origin.proxy is None:
             addresses = await self._resolve(origin.host, origin.port)
             last: OSError | None = None
@@ -596,30 +245,30 @@ class UpstreamClient:
                     )
                     return conn
                 except ssl.SSLError as exc:
-                    raise _error("tls") from exc
+                    raise upstream_error("tls") from exc
                 except OSError as exc:
                     last = exc
-            raise _error("connect") from last
+            raise upstream_error("connect") from last
         raw = await self._tunnel(loop, origin, origin.proxy)
         try:
             tls = await loop.start_tls(raw, conn, self._ssl, server_hostname=origin.host)
         except ssl.SSLError as exc:
             raw.abort()
-            raise _error("tls") from exc
+            raise upstream_error("tls") from exc
         except OSError as exc:
             raw.abort()
-            raise _error("connect") from exc
+            raise upstream_error("connect") from exc
         except BaseException:  # the connect timeout: no half-made tunnel is left open
             raw.abort()
             raise
         if tls is None:
             raw.abort()
-            raise _error("connect")
+            raise upstream_error("connect")
         conn.connection_made(tls)
         return conn
 
     async def _tunnel(
-        self, loop: asyncio.AbstractEventLoop, origin: _Origin, egress: EgressProxy
+        self, loop: asyncio.AbstractEventLoop, origin: Origin, egress: EgressProxy
     ) -> asyncio.Transport:
         try:
             addresses = await self._resolve(egress.host, egress.port)
@@ -640,7 +289,7 @@ class UpstreamClient:
             raise
 
     async def _open_tunnel(
-        self, transport: asyncio.Transport, tunnel: _Tunnel, origin: _Origin, egress: EgressProxy
+        self, transport: asyncio.Transport, tunnel: _Tunnel, origin: Origin, egress: EgressProxy
     ) -> asyncio.Transport:
         authority = _authority(origin.host, origin.port, always_port=True)
         lines = [f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"]
@@ -672,10 +321,10 @@ class UpstreamClient:
                 host, port, type=socket.SOCK_STREAM
             )
         except (socket.gaierror, UnicodeError) as exc:
-            raise _error("dns") from exc
+            raise upstream_error("dns") from exc
         addresses = [(str(info[4][0]), int(info[4][1])) for info in infos]
         if not addresses:
-            raise _error("dns")
+            raise upstream_error("dns")
         self._dns[(host, port)] = (now + self._dns_ttl_s, addresses)
         return addresses
 
@@ -704,14 +353,14 @@ class _Tunnel(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
         # Bytes after the head belong to the tunnel; a 200 with a body would be a broken proxy.
-        raise _Interim
+        raise Interim
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.answer.done():
             self.answer.set_result(0)  # closed before a whole answer
 
 
-def _parse_origin(upstream: str, proxy: EgressProxy | None = None) -> _Origin:
+def _parse_origin(upstream: str, proxy: EgressProxy | None = None) -> Origin:
     scheme, sep, rest = upstream.partition("://")
     if scheme.lower() != "https" or not sep:
         raise ValueError("upstream origins are https URLs")
@@ -723,7 +372,7 @@ def _parse_origin(upstream: str, proxy: EgressProxy | None = None) -> _Origin:
     else:
         host, _, port_text = authority.partition(":")
     port = int(port_text) if port_text else 443
-    return _Origin(
+    return Origin(
         host=host,
         port=port,
         host_header=_authority(host.lower(), port, always_port=False),
@@ -739,7 +388,7 @@ def _authority(host: str, port: int, *, always_port: bool) -> str:
 
 def _head(
     method: str,
-    origin: _Origin,
+    origin: Origin,
     target: str,
     headers: CIMultiDict[str],
     chunked: bool,

@@ -47,6 +47,7 @@ RANKS: Final[dict[str, int]] = {
         0,
     ),
     "_aiohttp": 1,
+    "upstream_protocol": 1,  # one upstream connection, imported by upstream_client only
     "oauth": 2,
     "upstream_client": 2,
     "tokens": 3,
