@@ -5,7 +5,9 @@ command functions here with plain parameters. Each command writes to the ``out``
 given and returns an exit code; none of them exits.
 
 - ``check.py``: the checklist, run in order, rendered for people or as JSON;
-- ``probes.py``: the checklist's building blocks and steps 2-4 (DNS, TCP, TLS);
+- ``results.py``: the checklist's building blocks (``StepResult``, settings, endpoints);
+- ``probes.py``: steps 2-4 (DNS, TCP, TLS), with ``viaproxy.py`` for steps 2-3 through a
+  forward proxy;
 - ``steps.py``: steps 5 and 6 (token, health through an in-process proxy);
 - ``certinfo.py``, ``csr.py``, ``token.py``: the commands around the partner's material;
 - ``files.py``: passwords (file, environment, prompt) and files created, never overwritten.

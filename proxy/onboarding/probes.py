@@ -1,8 +1,9 @@
-"""Own the building blocks of ``ksz-proxy check`` and its network probes (steps 2 to 4).
+"""Own the network probes of ``ksz-proxy check`` (steps 2 to 4).
 
-A ``StepResult`` is one checklist line: a step, its target, ok / warning / failed / skipped, and
-for anything but ok the likely cause and the fix. The probes connect the way the proxy does, to
-every host it needs (the token endpoint, each REST origin), one step building on the other:
+The checklist's building blocks (``StepResult``, ``CheckSettings``, ``Endpoint``, ``fail``,
+``skip``) live in ``results.py`` and stay importable from here. The probes connect the way the
+proxy does, to every host it needs (the token endpoint, each REST origin), one step building on
+the other:
 
 2. DNS: the name resolves (``loop.getaddrinfo``);
 3. TCP: the port accepts a connection -- on the extranet a timeout means the firewall flow is not
@@ -14,135 +15,44 @@ A destination reached through a forward proxy (``[egress]``, ``oauth.proxy``, ``
 is probed the way the proxy reaches it, and each step says so ("via proxy host:port"): DNS
 resolves the forward proxy's name (the destination's is resolved by the proxy), TCP reaches the
 proxy and asks for the tunnel (``CONNECT``: its status is reported, 407 as refused credentials),
-and TLS runs through the tunnel, verified against the destination as without a proxy.
+both in ``viaproxy.py``; TLS runs through the tunnel, verified against the destination as without
+a proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Final, Literal
-from urllib.parse import urlsplit
+from typing import Final
 
 from cryptography import x509
 
 from proxy.config import Config, Route
 from proxy.credentials import Credentials
-from proxy.egress import PROXY_AUTH_FIX, EgressRoute, ProxyServer, decide
+from proxy.egress import decide
 from proxy.endpoints import ENDPOINTS
+
+# The building blocks have their own module; these names stay importable from here.
+from proxy.onboarding.results import ESB as ESB
+from proxy.onboarding.results import FIREWALL_FORM as FIREWALL_FORM
+from proxy.onboarding.results import NAMES as NAMES
+from proxy.onboarding.results import CheckSettings as CheckSettings
+from proxy.onboarding.results import Endpoint as Endpoint
+from proxy.onboarding.results import Status as Status
+from proxy.onboarding.results import StepResult as StepResult
+from proxy.onboarding.results import close_quietly as close_quietly
+from proxy.onboarding.results import fail as fail
+from proxy.onboarding.results import skip as skip
 from proxy.onboarding.tunnel import ProxyProtocolError, TunnelRefused, open_tunnel
+from proxy.onboarding.viaproxy import connect_through_proxy, dns_of_proxy
 from proxy.tls import client_context
 
-Status = Literal["ok", "warning", "failed", "skipped"]
-
-NAMES: Final = {1: "config", 2: "dns", 3: "tcp", 4: "tls", 5: "token", 6: "health"}
-ESB: Final = "the KSZ ESB team (esb@ksz-bcss.fgov.be)"
-FIREWALL_FORM: Final = '"EXTRANET - Firewall IP Flux Management"'
 # Alerts a server sends when it wants, or refuses, the client's certificate (mutual TLS).
 _CLIENT_CERT_ALERTS: Final = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA")
 _CLOSED: Final = "CLOSED_AFTER_HANDSHAKE"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CheckSettings:
-    """Time limits of the network steps."""
-
-    connect_timeout_s: float = 5.0
-    # After the handshake, how long to listen for a TLS 1.3 alert refusing the client
-    # certificate: TLS 1.3 servers judge it only after the client considers the handshake done.
-    tls_probe_s: float = 0.3
-    health_timeout_s: float = 30.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepResult:
-    """The outcome of one step for one target (a file, a host, a scope set, an API path)."""
-
-    number: int
-    target: str
-    status: Status
-    detail: str
-    cause: str | None = None
-    fix: str | None = None
-
-    @property
-    def name(self) -> str:
-        """Return the step's stable name (config, dns, tcp, tls, token, health)."""
-        return NAMES[self.number]
-
-    @property
-    def passed(self) -> bool:
-        """Return True for ok and warning (passed, with a remark)."""
-        return self.status in ("ok", "warning")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Endpoint:
-    """One remote host:port the proxy talks to, with the trust used for it."""
-
-    label: str  # "token endpoint" or "REST API"
-    url: str
-    url_key: str  # the configuration key naming the URL
-    ca_key: str
-    ca_file: Path | None
-    client_certificate: bool
-    extranet: bool
-    # How the proxy reaches it (direct or through a forward proxy); None: direct.
-    route: EgressRoute | None = None
-
-    @property
-    def proxy(self) -> ProxyServer | None:
-        """Return the forward proxy on the way, if any."""
-        return self.route.proxy if self.route is not None else None
-
-    @property
-    def via(self) -> str:
-        """Return "via proxy host:port" for a proxied destination, else an empty string."""
-        proxy = self.proxy
-        return f"via proxy {proxy.address}" if proxy is not None else ""
-
-    @property
-    def host(self) -> str:
-        """Return the host name or address."""
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        """Return the port (443 when the URL names none)."""
-        return urlsplit(self.url).port or 443
-
-    @property
-    def target(self) -> str:
-        """Return the label with host and port, for the checklist."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.label} {host}:{self.port}"
-
-
-def fail(number: int, target: str, detail: str, cause: str, fix: str) -> StepResult:
-    """Return a failed step with its likely cause and the fix."""
-    return StepResult(
-        number=number, target=target, status="failed", detail=detail, cause=cause, fix=fix
-    )
-
-
-def skip(number: int, target: str, why: str) -> StepResult:
-    """Return a step not run because one it depends on failed."""
-    return StepResult(number=number, target=target, status="skipped", detail=f"skipped: {why}")
-
-
-async def close_quietly(writer: asyncio.StreamWriter) -> None:
-    """Close a probe connection without waiting long for the peer."""
-    writer.close()
-    # A TLS peer may never answer close_notify; the probe must not hang on it.
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(1.0):
-            await writer.wait_closed()
 
 
 # -- steps 2 to 4 ------------------------------------------------------------------------------
@@ -219,7 +129,7 @@ async def network(
 
 async def _dns(e: Endpoint, settings: CheckSettings) -> StepResult:
     if e.proxy is not None:
-        return await _dns_of_proxy(e, e.proxy, settings)
+        return await dns_of_proxy(e, e.proxy, settings)
     target = f"{e.label} {e.host}"
     try:
         ipaddress.ip_address(e.host)
@@ -256,7 +166,7 @@ async def _dns(e: Endpoint, settings: CheckSettings) -> StepResult:
 
 async def _tcp(e: Endpoint, settings: CheckSettings) -> StepResult:
     if e.proxy is not None:
-        return await _connect_through_proxy(e, e.proxy, settings)
+        return await connect_through_proxy(e, e.proxy, settings)
     try:
         async with asyncio.timeout(settings.connect_timeout_s):
             _reader, writer = await asyncio.open_connection(e.host, e.port)
@@ -372,124 +282,6 @@ async def _open_tls(
         await close_quietly(tunnel.writer)
         raise
     return tunnel.reader, tunnel.writer
-
-
-# -- steps 2 and 3 through a forward proxy ------------------------------------------------------
-
-
-async def _dns_of_proxy(e: Endpoint, proxy: ProxyServer, settings: CheckSettings) -> StepResult:
-    target = f"{e.label} {e.host}"
-    fix = f"check the proxy's host name in {proxy.source} and this server's DNS settings"
-    try:
-        ipaddress.ip_address(proxy.host)
-    except ValueError:
-        pass
-    else:
-        return StepResult(
-            number=2, target=target, status="ok", detail=f"{e.via}: the proxy resolves the name"
-        )
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(settings.connect_timeout_s):
-            infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
-    except TimeoutError:
-        return fail(
-            2,
-            target,
-            f"{e.via}: no answer from the DNS resolver for the proxy's name",
-            "the DNS servers of this machine do not answer",
-            fix,
-        )
-    except (OSError, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "invalid name"
-        return fail(
-            2,
-            target,
-            f"{e.via}: the proxy's name {proxy.host} does not resolve ({reason})",
-            "the forward proxy's name is unknown here",
-            fix,
-        )
-    addresses = ", ".join(dict.fromkeys(str(info[4][0]) for info in infos))
-    return StepResult(
-        number=2,
-        target=target,
-        status="ok",
-        detail=f"{e.via} ({proxy.host} resolves to {addresses}); the proxy resolves {e.host}",
-    )
-
-
-async def _connect_through_proxy(
-    e: Endpoint, proxy: ProxyServer, settings: CheckSettings
-) -> StepResult:
-    connect = f"CONNECT {e.host}:{e.port}"
-    try:
-        async with asyncio.timeout(settings.connect_timeout_s):
-            tunnel = await open_tunnel(proxy, e.host, e.port)
-    except TimeoutError:
-        return fail(
-            3,
-            e.target,
-            f"{e.via}: no answer within {settings.connect_timeout_s:g} s",
-            "the forward proxy does not answer (a firewall between this server and the proxy, "
-            "or the proxy waits on the destination)",
-            f"check {proxy.source} and the way to the proxy with your network team",
-        )
-    except TunnelRefused as exc:
-        return _tunnel_refused(e, proxy, connect, exc)
-    except ProxyProtocolError as exc:
-        return fail(
-            3,
-            e.target,
-            f"{e.via}: {connect} got no proper answer ({exc})",
-            f"{proxy.address} does not behave like an HTTP forward proxy",
-            f"check the port in {proxy.source}",
-        )
-    except OSError as exc:
-        return fail(
-            3,
-            e.target,
-            f"{e.via}: cannot reach the proxy ({exc.strerror or type(exc).__name__})",
-            f"the forward proxy {proxy.address} is down or not reachable from this server",
-            f"check {proxy.source} and that the proxy runs and accepts this server",
-        )
-    await close_quietly(tunnel.writer)
-    return StepResult(
-        number=3,
-        target=e.target,
-        status="ok",
-        detail=f"{e.via}: {connect} answered {tunnel.status} {tunnel.reason}".rstrip(),
-    )
-
-
-def _tunnel_refused(
-    e: Endpoint, proxy: ProxyServer, connect: str, exc: TunnelRefused
-) -> StepResult:
-    detail = f"{e.via}: {connect} answered {exc.status}"
-    if exc.status in (401, 407):
-        # 401: tinyproxy 1.11 answers a wrong password that way (docs/tinyproxy-401-on-connect.md).
-        cause = f"the forward proxy {proxy.address} wants valid credentials (Basic)"
-        if proxy.authorization is None:
-            cause += "; none are configured"
-        return fail(3, e.target, f"{detail}: proxy refused the credentials", cause, PROXY_AUTH_FIX)
-    if exc.status in (502, 503, 504):
-        fix = f"ask your network team to open {e.host} port {e.port} from the proxy"
-        if e.extranet:
-            fix += f" (KSZ extranet flows are opened with the form {FIREWALL_FORM})"
-        return fail(
-            3,
-            e.target,
-            detail,
-            f"the forward proxy could not reach {e.host}:{e.port} (its DNS or its firewall)",
-            fix,
-        )
-    return fail(
-        3,
-        e.target,
-        detail,
-        f"the forward proxy does not allow a tunnel to {e.host}:{e.port}",
-        f"ask your network team to allow CONNECT to {e.host} port {e.port}; if this host is "
-        "reached without the proxy, list it in egress.no_proxy",
-    )
 
 
 async def _refusal_after_handshake(reader: asyncio.StreamReader, wait_s: float) -> str | None:
