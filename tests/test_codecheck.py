@@ -219,10 +219,12 @@ async def test_sessions_ignore_proxy_variables_and_never_resend(
         assert isinstance(upstream, UpstreamClient)
     # The upstream client reads no environment (proxy variables), decodes no body and resends
     # only through its one documented path (the idle-close race, tests/test_upstream_client.py).
-    source = (ROOT / "proxy" / "upstream_client.py").read_text(encoding="utf-8")
-    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
-    attributes = {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
-    assert not {"os", "environ", "getenv", "zlib", "gzip", "getproxies"} & (names | attributes)
+    for module in ("upstream_client.py", "upstream_protocol.py"):
+        tree = ast.parse((ROOT / "proxy" / module).read_text(encoding="utf-8"))
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        attributes = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        forbidden = {"os", "environ", "getenv", "zlib", "gzip", "getproxies"}
+        assert not forbidden & (names | attributes), module
     async with oauth.make_session(config) as token_session:
         assert token_session.trust_env is False
 
