@@ -173,6 +173,12 @@ class UpstreamClient:
             self._slot_waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                # Woken, then cancelled before it ran: pass the free slot on, or the next
+                # waiter sleeps beside an idle connection until its deadline.
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_slot()
+                raise
             finally:
                 if waiter in self._slot_waiters:
                     self._slot_waiters.remove(waiter)

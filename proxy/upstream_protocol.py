@@ -370,8 +370,15 @@ class Connection(asyncio.Protocol):
         if self._sender is not None and not self._sender.done():
             self._sender.cancel()
             self._sent = False
+        # A connection whose reading is paused (an answer the caller did not take whole) would
+        # go back to the pool deaf: the next request on it would get no answer. Closed instead.
         reusable = (
-            self._complete and self._sent and self._error is None and not self.closed and self._keep
+            self._complete
+            and self._sent
+            and self._error is None
+            and not self.closed
+            and self._keep
+            and not self._paused
         )
         self._active = False
         if reusable:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -367,3 +368,28 @@ async def test_proxy_environment_variables_are_ignored(
             assert response.status == 200
         assert chain.upstream.count == 1
         assert accepted == []
+
+
+async def test_a_caller_that_stops_reading_is_cut_and_frees_its_slot(
+    make_chain: ChainFactory,
+) -> None:
+    # Found by review: upstream.total_timeout_s never ran while the proxy waited to write to a
+    # caller that took nothing, so a few such callers held every in-flight slot. A write to the
+    # caller now gets upstream.read_timeout_s; past it the caller counts as gone (499).
+    chain = await make_chain(upstream={"read_timeout_s": 1.0}, listen={"max_in_flight": 1})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", chain.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(build("GET", DEMO + "/stream?bytes=200000000", chain.port, close=False))
+        await writer.drain()
+        assert (await reader.read(12)).startswith(b"HTTP/1.1 200")
+        await until(lambda: chain.proxy.drain.in_flight == 1)
+        # The caller reads nothing more; within a few read timeouts its slot is free again.
+        await until(lambda: chain.proxy.drain.in_flight == 0, 10.0)
+        async with chain.request("GET", DEMO + "/after") as response:
+            assert response.status == 200
+    finally:
+        await close_writer(writer)

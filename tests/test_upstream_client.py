@@ -635,3 +635,77 @@ async def test_a_released_answer_can_neither_be_read_nor_release_the_next_one(
         assert await second.read() == b"ok"
         second.release()
     assert upstream.connections == 1
+
+
+# -- found by review: the pool after an abandoned answer, a lost wake-up ---------------------------
+
+
+@contextlib.asynccontextmanager
+async def answering_upstream(
+    server_ssl: ssl.SSLContext, body: bytes, seen: list[bytes]
+) -> AsyncIterator[str]:
+    """Serve ``body`` to every request on every connection; record the request heads."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                seen.append(await reader.readuntil(b"\r\n\r\n"))
+                declared = seen[-1].lower().partition(b"content-length:")[2].split(b"\r\n")[0]
+                await reader.readexactly(int(declared or 0))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ssl)
+    try:
+        yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def test_an_answer_left_unread_never_puts_a_deaf_connection_back(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    # The caller took one chunk of a large answer and left: the whole answer arrived, reading was
+    # paused above the high-water mark, and the connection went back to the pool still paused.
+    # The next request on it (a POST) was sent upstream and then waited for an answer never read.
+    seen: list[bytes] = []
+    async with (
+        answering_upstream(server_ssl, b"x" * (400 * 1024), seen) as origin,
+        client_for(client_ssl, max_connections=1, read_timeout_s=2.0, total_timeout_s=5.0) as c,
+    ):
+        first = await c.request("GET", origin, "/a", CIMultiDict())
+        await first.read_chunk()
+        await asyncio.sleep(0.3)  # the rest of the answer arrives meanwhile
+        first.release()
+        second = await c.request(
+            "POST", origin, "/b", CIMultiDict({"Content-Length": "2"}), b"hi", 2
+        )
+        try:
+            assert second.status == 200
+            assert len(await second.read()) == 400 * 1024
+        finally:
+            second.release()
+    assert len(seen) == 2
+
+
+async def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    seen: list[bytes] = []
+    async with (
+        answering_upstream(server_ssl, b"ok", seen) as origin,
+        client_for(client_ssl, max_connections=1, read_timeout_s=3.0, total_timeout_s=4.0) as c,
+    ):
+        first = await c.request("GET", origin, "/a", CIMultiDict())
+        await first.read()
+        waiting = asyncio.create_task(c.request("GET", origin, "/b", CIMultiDict()))
+        behind = asyncio.create_task(c.request("GET", origin, "/c", CIMultiDict()))
+        await asyncio.sleep(0.1)
+        first.release()  # wakes /b ...
+        waiting.cancel()  # ... whose caller leaves before it runs
+        async with asyncio.timeout(2.0):
+            third = await behind
+        third.release()
+        assert third.status == 200
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
