@@ -166,7 +166,7 @@ def _oauth(t: Table, default_token_url: str | None, egress: EgressPolicy) -> OAu
             key_id=key_id,
             assertion_lifetime_s=t.integer("assertion_lifetime_s", low=10, high=3600),
             scopes=t.scopes("scopes"),
-            ca_file=t.existing_file("ca_file"),
+            ca_file=t.ca_bundle("ca_file"),
             proxy=proxy_choice(t, "proxy", egress),
             timeout_s=t.number("timeout_s", low=0.1, high=300),
             send_client_id=t.boolean("send_client_id"),
@@ -192,7 +192,7 @@ def _upstream(t: Table, default_url: str | None, egress: EgressPolicy) -> Upstre
     config = UpstreamConfig(
         url=url,
         **present(
-            ca_file=t.existing_file("ca_file"),
+            ca_file=t.ca_bundle("ca_file"),
             client_certificate=t.boolean("client_certificate"),
             proxy=proxy_choice(t, "proxy", egress),
             connect_timeout_s=t.number("connect_timeout_s", low=0.1, high=300),

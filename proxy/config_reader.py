@@ -10,6 +10,7 @@ that are present.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -172,6 +173,23 @@ class Table:
         p = self.path(name)
         if p is not None and not p.is_file():
             raise ConfigError(f"{self.key(name)}: file {p} does not exist")
+        return p
+
+    def ca_bundle(self, name: str) -> Path | None:
+        """Return the path of a PEM CA bundle ``name`` that TLS can load, or None when absent.
+
+        Checked here, not first when a connection is made: a file that exists but holds no
+        certificate would otherwise fail start-up with a traceback, or a reload half-way.
+        """
+        p = self.existing_file(name)
+        if p is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=str(p))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                why = getattr(exc, "reason", None) or type(exc).__name__
+                raise ConfigError(
+                    f"{self.key(name)}: {p} holds no PEM CA certificate TLS can use ({why})"
+                ) from None
         return p
 
     def host(self, name: str) -> str | None:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -144,7 +145,15 @@ def reload_config(running: RunningProxy, environ: Mapping[str, str] | None = Non
             "configuration reload failed; keeping the running configuration of this client",
             extra={"client": name, "error": error, "key": error.partition(":")[0]},
         )
-    _reload(running, dataclasses.replace(config, clients=keys.clients), keys)
+    try:
+        _reload(running, dataclasses.replace(config, clients=keys.clients), keys)
+    except ConfigError as exc:  # raised before anything was switched
+        _failed(running, exc.detail)
+        log.error(
+            "configuration reload failed; keeping the running configuration",
+            extra={"error": exc.detail, "key": exc.detail.partition(":")[0]},
+        )
+        return False
     return keys.ok
 
 
@@ -161,38 +170,59 @@ def _reload(running: RunningProxy, new: Config, keys: Reload) -> None:
     old = live.config
     plan = plan_reload(old, new)
     config, changed = plan.config, plan.changed
-    metrics.use_clients(config.clients_by_name, config.token_keys)
-    retired: list[Closer] = []
     providers = app[CLIENT_TOKENS]
     endpoint_changed = token_endpoint_changed(changed)
     running_clients = old.clients_by_name
+    # First build everything that can fail (sessions, TLS contexts), then switch: a failure
+    # here leaves the running configuration as it was, nothing half-applied.
+    fresh: dict[str, TokenProvider] = {}
+    session = running.handler.forwarder.session
+    new_session = None
+    key = "oauth.ca_file"
+    try:
+        for client in config.clients:
+            provider = providers.get(client.name)
+            if (
+                provider is None
+                or endpoint_changed
+                or needs_new_provider(running_clients[client.name], client)
+            ):
+                # Another identity or token endpoint: the old tokens are no use any more.
+                fresh[client.name] = _new_provider(
+                    running, config, client, keys.keyring[client.name]
+                )
+        # The mutual-TLS certificate is part of the session: renew it with the credentials.
+        key = "upstream.ca_file"
+        if config.upstream.client_certificate or any(k.startswith(_UPSTREAM_KEYS) for k in changed):
+            new_session = forward.make_session(config, keys.keyring[config.client.name])
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        for provider in fresh.values():
+            for close in running.owned.pop(id(provider), []):
+                _close_later(running, close)
+        raise ConfigError(
+            f"{key}: TLS material could not be loaded ({type(exc).__name__})"
+        ) from None
+    metrics.use_clients(config.clients_by_name, config.token_keys)
+    retired: list[Closer] = []
     for client in config.clients:
         provider = providers.get(client.name)
-        credentials = keys.keyring[client.name]
-        if (
-            provider is None
-            or endpoint_changed
-            or needs_new_provider(running_clients[client.name], client)
-        ):
-            # Another identity or token endpoint: the old tokens are no use any more.
+        if client.name in fresh:
             if provider is not None:
                 retired += running.owned.pop(id(provider), [provider.close])
-            providers[client.name] = _new_provider(running, config, client, credentials)
-        else:
+            providers[client.name] = fresh[client.name]
+        elif provider is not None:
             # The same identity: its cached tokens keep serving while ones signed anew arrive.
             provider.use(config, client)
             if client.name in keys.changed:
-                provider.replace_credentials(credentials)
+                provider.replace_credentials(keys.keyring[client.name])
     for name in [name for name in providers if name not in config.clients_by_name]:
         gone = providers.pop(name)
         retired += running.owned.pop(id(gone), [gone.close])
     for provider in providers.values():
         provider.start()
-    session = running.handler.forwarder.session
-    # The mutual-TLS certificate is part of the session: renew it with the credentials.
-    if config.upstream.client_certificate or any(k.startswith(_UPSTREAM_KEYS) for k in changed):
+    if new_session is not None:
         retired += running.owned.pop(id(session), [session.close])
-        session = forward.make_session(config, keys.keyring[config.client.name])
+        session = new_session
         running.owned[id(session)] = [session.close]
     running.handler.use(config, Forwarder(config, dict(providers), session))
     live.config = config
@@ -239,6 +269,13 @@ def _reload(running: RunningProxy, new: Config, keys: Reload) -> None:
             "configuration reload: these keys need a restart; their running values are kept",
             extra={"needs_restart": " ".join(plan.needs_restart)},
         )
+
+
+def _close_later(running: RunningProxy, close: Closer) -> None:
+    """Close a resource a refused reload built, off the signal handler."""
+    task = asyncio.create_task(_retire(running.drain, [close], 0.0))
+    running.retiring.add(task)
+    task.add_done_callback(running.retiring.discard)
 
 
 def _failed(running: RunningProxy, detail: str) -> None:

@@ -283,12 +283,18 @@ async def serve(
             "stopping: draining in-flight requests", extra={"drain_s": running.drain_s, **who}
         )
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        # Removing the handler would give SIGHUP back its default action, which ends the
+        # process mid-drain (a logrotate hook, a `systemctl reload` at the wrong moment).
+        loop.add_signal_handler(signal.SIGHUP, _reload_ignored, who)
         if watching is not None:
             watching.cancel()
         await running.close()
     run_log.info("ksz-proxy stopped" if worker is None else "worker stopped", extra=who)
     return 0
+
+
+def _reload_ignored(who: dict[str, object]) -> None:
+    run_log.warning("reload ignored: the proxy is stopping", extra=who)
 
 
 async def watch_supervisor(setup: WorkerSetup, stop: asyncio.Event) -> None:

@@ -173,8 +173,10 @@ async def supervise(supervisor: Supervisor, summary: dict[str, Any]) -> int:
         supervisor.exit_code = EXIT_USAGE
     finally:
         supervisor.stop.set()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        # Not removed: SIGHUP's default action would end the supervisor while workers drain.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await _stop_workers(supervisor)
         reaper.cancel()
         await asyncio.gather(reaper, return_exceptions=True)

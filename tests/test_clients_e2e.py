@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import ssl
@@ -391,6 +392,34 @@ async def test_a_reload_gives_a_new_client_id_a_new_provider_and_keeps_the_other
     assert details["clients"]["daas"]["clientId"] == new_id
     assert details["clients"]["daas"]["reloadError"] is None
     assert (details["config"]["lastReload"], details["config"]["failingKey"]) == ("success", None)
+
+
+async def test_a_refused_reload_switches_no_client(
+    two: Two, ec_partner: Issued, tmp_path: Path
+) -> None:
+    # Found by review: a new client id together with a CA file that holds no certificate got
+    # as far as swapping the daas provider before the TLS context failed; the old config kept
+    # serving beside a provider of another client-id (SECURITY 49, 51). Now the file is refused
+    # whole, before anything is switched.
+    register_daas(two.auth, ec_partner)
+    await two.wait("/readyz", 200)
+    providers = two.proxy.admin_app[CLIENT_TOKENS]
+    before = dict(providers)
+    junk = tmp_path / "junk-ca.pem"
+    junk.write_text("not a certificate\n")
+    text = two.config_file.read_text().replace(DAAS_ID, "other:daas2:client:confidential")
+    head, _, upstream = text.partition("[upstream]")
+    upstream = re.sub(r'ca_file = "[^"]*"', f'ca_file = "{junk}"', upstream, count=1)
+    text = head + "[upstream]" + upstream
+    two.config_file.write_text(text)
+    assert reload_config(two.proxy, environ={}) is False
+    assert providers == before
+    status, _ = await two.call("GET", DAAS + "/a")
+    assert status == 200
+    assert two.upstream.clients_seen()[-1] == (DAAS + "/a", DAAS_ID)
+    status, body = await two.admin("/health")
+    config = json.loads(body)["details"]["config"]
+    assert (config["lastReload"], config["failingKey"]) == ("failure", "upstream.ca_file")
 
 
 # -- workers: each worker holds every client's tokens ---------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import pickle
@@ -15,6 +16,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import pytest
+import trustme
 
 from proxy.config import (
     DEFAULT_ALLOWED_HOSTS,
@@ -235,6 +237,12 @@ def patched(patch: Mapping[str, Any] | None = None) -> dict[str, Any]:
         else:
             data[key] = value
     return data
+
+
+@functools.cache
+def ca_pem() -> bytes:
+    """Return a real CA certificate in PEM, made at test time: CA files are loaded at start."""
+    return bytes(trustme.CA().cert_pem.bytes())
 
 
 def write(path: Path, content: str | bytes, mode: int = 0o600) -> Path:
@@ -594,8 +602,8 @@ def test_the_full_configs_set_every_known_key() -> None:
 def test_every_key_set_explicitly(tmp_path: Path) -> None:
     write(tmp_path / "password.txt", CANARY + "\n")
     write(tmp_path / "shared.key", "s3cret-shared\n")
-    write(tmp_path / "oauth-ca.pem", "pem", 0o644)
-    write(tmp_path / "upstream-ca.pem", "pem", 0o644)
+    write(tmp_path / "oauth-ca.pem", ca_pem(), 0o644)
+    write(tmp_path / "upstream-ca.pem", ca_pem(), 0o644)
     write(tmp_path / "proxy.password", "proxy-" + CANARY + "\n")
     path = write(tmp_path / "ksz-proxy.toml", to_toml(FULL), 0o644)
     config = load_config(path, {})
@@ -1198,8 +1206,8 @@ def test_relative_paths_resolve_against_the_config_directory(
     etc = tmp_path / "etc"
     write(etc / "secrets" / "password", CANARY)
     write(etc / "secrets" / "proxy.key", "shared")
-    write(etc / "ca" / "oauth.pem", "pem", 0o644)
-    write(etc / "ca" / "upstream.pem", "pem", 0o644)
+    write(etc / "ca" / "oauth.pem", ca_pem(), 0o644)
+    write(etc / "ca" / "upstream.pem", ca_pem(), 0o644)
     data = patched(
         {
             "client": {"pkcs12": "keys/acpt.p12", "password_file": "secrets/password"},
@@ -1512,3 +1520,13 @@ def test_reference_example_mentions_every_key() -> None:
             section,
             keys - mentioned.get(section, set()),
         )
+
+
+@pytest.mark.parametrize("section", ["oauth", "upstream"])
+def test_a_ca_file_that_holds_no_certificate_names_the_key(tmp_path: Path, section: str) -> None:
+    # Found by review: such a file passed the config check and then failed start-up with a
+    # traceback, or a SIGHUP reload half-way (a new token provider swapped in, nothing else).
+    junk = write(tmp_path / "ca.pem", "not a certificate\n", 0o644)
+    data = patched({section: {"ca_file": str(junk)}})
+    with pytest.raises(ConfigError, match=rf"^{section}\.ca_file: .* holds no PEM CA certificate"):
+        load_config(write(tmp_path / "ksz-proxy.toml", to_toml(data), 0o644), {})

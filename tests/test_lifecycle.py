@@ -153,6 +153,28 @@ async def sigterm_with_a_stuck_request(
     )
 
 
+async def test_sighup_while_draining_is_ignored_not_fatal(
+    config_file: Path, fake_upstream: UpstreamHandle
+) -> None:
+    # Found by review: the SIGHUP handler was removed before the drain, which gave SIGHUP back
+    # its default action, so a reload (logrotate, systemctl reload) mid-drain killed the process
+    # and the request in flight with it.
+    async with run_proxy(config_file) as proxy, aiohttp.ClientSession() as session:
+        await wait_ready(session, proxy)
+        in_flight = asyncio.create_task(get(session, proxy.proxy_url + DEMO + "/stall?seconds=2"))
+        await until(lambda: fake_upstream.upstream.count == 1)
+        proxy.send(signal.SIGTERM)
+        await until(lambda: any(e["message"].startswith("stopping") for e in proxy.entries), 5.0)
+        proxy.send(signal.SIGHUP)
+        async with asyncio.timeout(8):
+            status, _ = await in_flight
+        assert status == 200
+        assert await proxy.exit_code() == 0
+    messages = [e["message"] for e in proxy.entries]
+    assert "reload ignored: the proxy is stopping" in messages
+    assert messages[-1] == "ksz-proxy stopped"
+
+
 async def test_sigterm_cuts_what_is_still_running_after_the_drain(
     config_writer: ConfigWriter, fake_upstream: UpstreamHandle
 ) -> None:
