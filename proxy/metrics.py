@@ -158,12 +158,16 @@ class Metrics:
         that started before the reload may still count a token request of it.
         """
         names = frozenset(clients)
+        token_keys = tuple(token_keys)
         for gone in self._current - names:
             with contextlib.suppress(KeyError):
                 self.certificate_expiry.remove(gone)
-            for name, label in _label_pairs(self.token_expiry):
-                if name == gone:
-                    self.token_expiry.remove(name, label)
+        # A token expiry series whose client or scope set no route uses any more goes too: no
+        # "no usable token" alert for a scope set that is no longer asked for.
+        wanted = {(client, scope_label(scopes)) for client, scopes in token_keys}
+        for name, label in _label_pairs(self.token_expiry):
+            if (name, label) not in wanted:
+                self.token_expiry.remove(name, label)
         for client in names - self._clients:
             for outcome in TOKEN_OUTCOMES:
                 self.token_requests.labels(client=client, outcome=outcome)

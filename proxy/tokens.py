@@ -116,8 +116,8 @@ class TokenProvider(OAuthClient):
         self._tokens: TLRUCache[frozenset[str], Token] = TLRUCache(
             maxsize=1024, ttu=lambda _key, token, _now: token.usable_until, timer=clock
         )
-        self._maintainers: list[asyncio.Task[None]] = []
-        self._maintained: set[frozenset[str]] = set()
+        # One refresh task per scope set kept fresh in the background.
+        self._maintainers: dict[frozenset[str], asyncio.Task[None]] = {}
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -190,6 +190,14 @@ class TokenProvider(OAuthClient):
         """
         self._config = config
         self.client = client
+        # Scope sets no route asks for any more: stop refreshing them and forget their state.
+        needed = set(self.scope_sets)
+        for scopes in [s for s in self._maintainers if s not in needed]:
+            self._maintainers.pop(scopes).cancel()
+            entry = self._entries.pop(scopes, None)
+            if entry is not None and entry.fetch is not None:
+                entry.fetch.cancel()
+            self._tokens.pop(scopes, None)
 
     def start(self, scope_sets: Iterable[frozenset[str]] | None = None) -> None:
         """Start background refresh for each scope set (default: those its routes use).
@@ -197,15 +205,12 @@ class TokenProvider(OAuthClient):
         A scope set already refreshed is left as it is, so a reload may pass every set it has.
         """
         for scopes in scope_sets if scope_sets is not None else self.scope_sets:
-            if scopes in self._maintained:
+            if scopes in self._maintainers:
                 continue
-            self._maintained.add(scopes)
             entry = self._entry(scopes)
-            self._maintainers.append(
-                asyncio.create_task(
-                    self._maintain(entry),
-                    name=f"token-refresh {scope_label(scopes, default=DEFAULT_TEXT)}",
-                )
+            self._maintainers[scopes] = asyncio.create_task(
+                self._maintain(entry),
+                name=f"token-refresh {scope_label(scopes, default=DEFAULT_TEXT)}",
             )
 
     def replace_credentials(self, credentials: Credentials) -> None:
@@ -222,7 +227,7 @@ class TokenProvider(OAuthClient):
 
     async def close(self) -> None:
         """Stop background refresh and any token request in flight."""
-        tasks: list[asyncio.Task[Any]] = list(self._maintainers)
+        tasks: list[asyncio.Task[Any]] = list(self._maintainers.values())
         tasks += [e.fetch for e in self._entries.values() if e.fetch is not None]
         for task in tasks:
             task.cancel()

@@ -422,6 +422,39 @@ async def test_a_refused_reload_switches_no_client(
     assert (config["lastReload"], config["failingKey"]) == ("failure", "upstream.ca_file")
 
 
+async def test_a_route_removed_by_a_reload_stops_its_token_refresh_and_series(
+    two: Two, ec_partner: Issued
+) -> None:
+    # Found by review: a scope set no route used any more kept its refresh task (fetching for
+    # ever, even if KSZ had revoked the scope) and its token expiry series (and so the alerts).
+    register_daas(two.auth, ec_partner)
+    await two.wait("/readyz", 200)
+    other = frozenset({"scope:cbss:api:demo:consult"})
+    default = two.proxy.admin_app[CLIENT_TOKENS]["default"]
+    assert other in {status.scopes for status in default.status()}
+    text = two.config_file.read_text()
+    text = text.replace(
+        f'[[routes]]\nprefix = "{OTHER}"\nscopes = ["scope:cbss:api:demo:consult"]\n', ""
+    )
+    two.config_file.write_text(text)
+    assert reload_config(two.proxy, environ={}) is True
+    assert default is two.proxy.admin_app[CLIENT_TOKENS]["default"]
+    assert other not in {status.scopes for status in default.status()}
+    requests = len(two.auth.server.requests)
+    default.replace_credentials(default.credentials)  # what a SIGHUP with new keys does
+    await asyncio.sleep(0.3)
+    asked = [r.form.get("scope", "") for r in two.auth.server.requests[requests:]]
+    assert asked  # the scope sets still in use were fetched anew
+    assert "scope:cbss:api:demo:consult" not in asked
+    expiry = [
+        dict(labels)
+        for name, labels in await two.metrics()
+        if name == "kszproxy_token_expiry_timestamp_seconds"
+    ]
+    assert {"client": "default", "scopes": "scope:demo:consult"} in expiry
+    assert not [e for e in expiry if e["scopes"] == "scope:cbss:api:demo:consult"]
+
+
 # -- workers: each worker holds every client's tokens ---------------------------------------------
 
 
