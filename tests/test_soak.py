@@ -432,7 +432,8 @@ async def test_soak_mixed_load_with_401s_an_outage_and_a_reload(
             kids = {(r.assertion_header or {}).get("kid") for r in after if r.outcome == "issued"}
             assert kids == {renewed_kid}
 
-            # Nothing grew: tasks, descriptors, memory (the load generator idle, still connected).
+            # Nothing grew: tasks, descriptors, memory (the load generator idle, holding no
+            # connection: it closes them after each run).
             tasks_after, fds_after, rss_after = await settle(chain)
             growth = (tasks_after - tasks_before, fds_after - fds_before, rss_after - rss_before)
             print(f"growth: tasks {growth[0]}, fds {growth[1]}, RSS {growth[2] / MIB:.1f} MiB")

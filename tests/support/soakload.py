@@ -202,17 +202,11 @@ async def serve_commands(settings: Settings) -> int:
     """Obey ``run`` / ``stop`` / end of input (module docstring); return the exit status."""
     commands: asyncio.Queue[str] = asyncio.Queue()
     reading = asyncio.create_task(read_commands(commands))
-    connector = aiohttp.TCPConnector(limit=settings.workers)
     # Generous: a stuck answer must show up as a failure, not as a hung soak.
     timeout = aiohttp.ClientTimeout(total=90)
     runs = 0
     try:
-        async with (
-            asyncio.timeout(settings.max_life_s),
-            aiohttp.ClientSession(
-                connector=connector, timeout=timeout, auto_decompress=False
-            ) as session,
-        ):
+        async with asyncio.timeout(settings.max_life_s):
             emit({"event": "ready"})
             while True:
                 command = await commands.get()
@@ -221,18 +215,27 @@ async def serve_commands(settings: Settings) -> int:
                 if command != "run":
                     continue  # "stop" while idle, or noise: nothing to do
                 stop = asyncio.Event()
-                running = asyncio.create_task(one_run(session, settings, runs, stop))
-                runs += 1
-                while not running.done():
-                    getting = asyncio.create_task(commands.get())
-                    await asyncio.wait({running, getting}, return_when=asyncio.FIRST_COMPLETED)
-                    if getting.done():
-                        if getting.result() in ("stop", ""):
-                            stop.set()
-                        if getting.result() == "":
-                            commands.put_nowait("")  # seen again once the tally is out
-                    else:
-                        getting.cancel()
+                # A session per run, closed with it: between runs this process holds no
+                # connection, so the proxy's task and descriptor counts measured then do not
+                # depend on which connections the last requests left open (a chunked upload's
+                # connection is closed by the proxy, a GET's is kept).
+                async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=settings.workers),
+                    timeout=timeout,
+                    auto_decompress=False,
+                ) as session:
+                    running = asyncio.create_task(one_run(session, settings, runs, stop))
+                    runs += 1
+                    while not running.done():
+                        getting = asyncio.create_task(commands.get())
+                        await asyncio.wait({running, getting}, return_when=asyncio.FIRST_COMPLETED)
+                        if getting.done():
+                            if getting.result() in ("stop", ""):
+                                stop.set()
+                            if getting.result() == "":
+                                commands.put_nowait("")  # seen again once the tally is out
+                        else:
+                            getting.cancel()
                 emit(running.result().report())
     finally:
         reading.cancel()
