@@ -134,7 +134,6 @@ class Forwarder:
         self._max_body = config.listen.max_body_bytes
         self._replay_max = config.upstream.replay_max_bytes
         self._body_timeout_s = config.listen.body_read_timeout_s
-        self._caller_timeout_s = config.upstream.read_timeout_s
         # The egress decision per route, made once: the hot path only looks it up.
         self._egress = {
             route.prefix: _Egress.of(route_egress(config, route)) for route in config.routes
@@ -306,10 +305,10 @@ class Forwarder:
                 )
                 if exchange.close:
                     response.force_close()
-                await _to_caller(response.prepare(request), self._caller_timeout_s)
+                await _to_caller(response.prepare(request))
                 exchange.status_sent = upstream.status
                 exchange.bytes_out = len(whole)
-                await _to_caller(response.write_eof(), self._caller_timeout_s)
+                await _to_caller(response.write_eof())
                 return response
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=headers
@@ -319,13 +318,13 @@ class Forwarder:
             if length is not None and upstream.status != 204:
                 # HEAD and 304 keep the length the full answer would have (RFC 9110 8.6).
                 response.content_length = length
-            await _to_caller(response.prepare(request), self._caller_timeout_s)
+            await _to_caller(response.prepare(request))
             exchange.status_sent = upstream.status
             if not no_body:
                 while chunk := await upstream.read_chunk():
                     exchange.bytes_out += len(chunk)
-                    await _to_caller(response.write(chunk), self._caller_timeout_s)
-            await _to_caller(response.write_eof(), self._caller_timeout_s)
+                    await _to_caller(response.write(chunk))
+            await _to_caller(response.write_eof())
             return response
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the caller's connection is lost: whether that
@@ -361,21 +360,17 @@ class _CallerGone(Exception):
     """Writing to the caller failed: it closed or reset its connection."""
 
 
-async def _to_caller(write: Awaitable[object], timeout_s: float) -> None:
+async def _to_caller(write: Awaitable[object]) -> None:
     """Await a write to the caller; its connection errors become ``_CallerGone``.
 
-    A caller that takes nothing for ``timeout_s`` (``upstream.read_timeout_s``) counts as gone
-    too: otherwise a caller that stops reading holds its in-flight slot and its upstream
-    connection for as long as it likes.
+    A caller that takes nothing of the answer for ``upstream.read_timeout_s`` has its connection
+    cut by the connection handler (``handler._ProxyRequestHandler.pause_writing``), so such a
+    write ends too, as a connection error.
     """
     try:
-        async with asyncio.timeout(timeout_s):
-            await write
+        await write
     except (ConnectionError, OSError) as exc:
         raise _CallerGone from exc
-    except TimeoutError:
-        log.info("the caller stopped reading the answer; its connection is cut")
-        raise _CallerGone from None
 
 
 async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -8,6 +8,7 @@ do not exist here, so nothing reachable through the proxy listener can touch the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import traceback
@@ -59,6 +60,10 @@ access_log = logging.getLogger("ksz_proxy.access")
 MAX_LINE_BYTES: Final = 8190
 MAX_FIELD_BYTES: Final = 8190
 MAX_HEADERS: Final = 100
+# Host values and raw paths already accepted (with their route), remembered so that the checks
+# of the next request with the same ones are one lookup: callers repeat a handful of each. Both
+# are bounded (emptied when full) and emptied by a reload.
+_REMEMBERED: Final = 256
 
 
 class ProxyHandler:
@@ -99,6 +104,10 @@ class ProxyHandler:
         self._admission.max_receiving = config.listen.max_receiving
         self._admission.max_in_flight = config.listen.max_in_flight
         self._max_body = config.listen.max_body_bytes
+        # How long a caller may leave the answer unread (see _ProxyRequestHandler.pause_writing).
+        self.caller_write_timeout_s = config.upstream.read_timeout_s
+        self._hosts_ok: set[str] = set()
+        self._routes_of: dict[str, Route] = {}
         secret = config.listen.shared_secret
         self._proxy_key = secret.reveal().encode() if secret is not None else None
 
@@ -203,12 +212,21 @@ class ProxyHandler:
             raise RequestRejected(
                 "Exactly one Host header is required.", status=400, reason="bad_host"
             )
-        check_host(headers.get("Host"), self._config.listen, self.port)
+        host = headers.get("Host")
+        if host is None or host not in self._hosts_ok:
+            check_host(host, self._config.listen, self.port)
+            _remember(self._hosts_ok, host)
         check_browser(headers)
         check_proxy_key(headers, self._proxy_key)
         check_upgrade(headers)
-        check_path(raw_path)
-        return find_route(self._config.routes, raw_path)
+        route = self._routes_of.get(raw_path)
+        if route is None:
+            check_path(raw_path)
+            route = find_route(self._config.routes, raw_path)
+            if len(self._routes_of) >= _REMEMBERED:
+                self._routes_of.clear()
+            self._routes_of[raw_path] = route
+        return route
 
     async def _continue(self, request: web.BaseRequest, max_body: int) -> None:
         """Answer ``Expect: 100-continue`` only once the request is known to be acceptable."""
@@ -255,17 +273,61 @@ class ProxyHandler:
         )
 
 
+def _remember(accepted: set[str], value: str | None) -> None:
+    if value is not None:
+        if len(accepted) >= _REMEMBERED:
+            accepted.clear()
+        accepted.add(value)
+
+
 class _ProxyRequestHandler(RequestHandler):
     """The proxy listener's connection handler, with fixed answers for what it refuses itself.
 
     aiohttp answers unparsable requests with a plain-text body that quotes the offending line
     and logs it with a traceback: either may carry a caller's credential. Here both are fixed.
     Every read from the socket also passes the chunk framing guard (``framing.py``).
+
+    **A caller that stops reading** holds its in-flight slot and its upstream connection for as
+    long as it likes, since ``upstream.total_timeout_s`` does not run while the proxy writes to
+    the caller. So when the socket's send buffer fills up (the transport pauses writing: more
+    than its high-water mark, 64 KiB, waits unsent), a timer of ``upstream.read_timeout_s``
+    starts; it stops when the caller has taken enough for writing to resume (the buffer is down
+    to its low-water mark). When it fires the connection is cut: the request ends as 499 and
+    frees its slot. The timer is armed only while writing is paused, so a request whose answer
+    goes out at once costs nothing for it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._framing = ChunkFramingGuard()
+        self._write_stall: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        server = server_of(self)
+        if self._write_stall is None and isinstance(server, ProxyServer):
+            self._write_stall = asyncio.get_running_loop().call_later(
+                server.proxy_handler.caller_write_timeout_s, self._caller_stalled
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_stall_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_stall_timer()
+        super().connection_lost(exc)
+
+    def _stop_stall_timer(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+
+    def _caller_stalled(self) -> None:
+        self._write_stall = None
+        log.info("the caller stopped reading the answer; its connection is cut")
+        if self.transport is not None:
+            self.transport.abort()  # the write waiting to drain fails: the request ends as 499
 
     def data_received(self, data: bytes) -> None:
         # aiohttp's C parser skips chunk extensions and trailers without any limit; the guard
@@ -350,3 +412,4 @@ class ProxyServer(CustomHandlerServer):
     def __init__(self, handler: ProxyHandler, *, metrics: Metrics, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.metrics = metrics
+        self.proxy_handler = handler
