@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import uvloop
@@ -48,12 +47,12 @@ ONE_WRITE_MAX = 64 * 1024  # proxy/forward.py's CHUNK: the same small-answer rul
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
-def filtered(headers: CIMultiDictProxy[str], drop: Iterable[str]) -> CIMultiDict[str]:
+def filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """Return ``headers`` without the names in ``drop`` and those listed in ``Connection``."""
-    listed = {n.strip().lower() for v in headers.getall("Connection", ()) for n in v.split(",")}
-    return CIMultiDict(
-        (k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in listed
-    )
+    if "Connection" in headers:
+        listed = (n.strip().lower() for v in headers.getall("Connection") for n in v.split(","))
+        drop = drop.union(listed)
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
 async def main(port: int, origin: str, ca_file: str) -> None:
