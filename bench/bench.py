@@ -31,7 +31,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="bench/run.sh",
         description="Benchmark ksz-proxy against nginx and a bare aiohttp proxy, on loopback.",
     )
-    parser.add_argument("--quick", action="store_true", help="about 2 minutes instead of about 7")
+    parser.add_argument("--quick", action="store_true", help="about 2 minutes instead of about 10")
     parser.add_argument("--rounds", type=int, help="rounds of wrk runs (default 4; quick 2)")
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 3; quick 2)")
     parser.add_argument(
