@@ -44,7 +44,7 @@ demo: $(STAMP)
 sandbox: $(STAMP)
 	$(BIN)/ksz-proxy sandbox
 
-# Benchmark against nginx and a bare aiohttp proxy on loopback (bench/README.md); about 9
+# Benchmark against nginx and a bare aiohttp proxy on loopback (bench/README.md); about 10
 # minutes, `make bench BENCH_ARGS=--quick` about 2. Not part of `make test`.
 bench: $(STAMP)
 	VENV=$(VENV) bash bench/run.sh $(BENCH_ARGS)

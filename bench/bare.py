@@ -1,4 +1,4 @@
-"""A bare pass-through proxy: aiohttp on uvloop, no token, no checks -- the ceiling for our stack.
+"""A bare pass-through proxy: aiohttp server and ClientSession on uvloop, no token, no checks.
 
 Usage: ``python bench/bare.py PORT UPSTREAM_ORIGIN CA_FILE``. Streams both ways like ksz-proxy,
 over the same kind of verified, pooled TLS client session; stops on SIGTERM or SIGINT.

@@ -111,7 +111,12 @@ def render(
         f"static documents: a {len(SMALL_BODY)}-byte JSON body and a 64 KiB body). "
         "nginx proxy: 1 worker, plain HTTP in, verified TLS with keep-alive to the upstream, a "
         "static `Authorization` header. Bare aiohttp: bench/bare.py, a pass-through proxy on "
-        "uvloop. ksz-proxy: `python -m proxy run`, default settings (body limits raised for "
+        "uvloop. Floor: bench/floor.py, ksz-proxy's stack and nothing else -- the aiohttp "
+        "low-level server on uvloop and ksz-proxy's own upstream client, a static "
+        "`Authorization` header, no token, checks, access log or metrics: the ceiling for one "
+        "ksz-proxy process on this stack: its µs/req is the stack's share of ksz-proxy's, "
+        "ksz/floor the part of the ceiling ksz-proxy's own work leaves. "
+        "ksz-proxy: `python -m proxy run`, default settings (body limits raised for "
         "the 1 GiB streams), at the default log level `info` (one JSON access log line per "
         "request, stderr to a file) and at `--log-level warning`. wrk: 1 thread at c=1, "
         "2 threads otherwise, `--latency`.",
@@ -165,6 +170,10 @@ def render(
     pairs += [(t, "bare") for t in targets if t.startswith(("ksz", "cand"))]
     pairs += [("bare", "nginx")]
     pairs += [(t, "ksz") for t in targets if t.startswith("cand")]
+    # Appended, so the columns above keep their places: one ksz-proxy process against its
+    # ceiling (two workers are not bounded by it), then the floor against the references.
+    pairs += [(t, "floor") for t in targets if t in stack.ksz and stack.ksz[t].workers == 1]
+    pairs += [("floor", "nginx"), ("floor", "bare")]
     out += [
         "## Throughput ratios (same run)",
         "",

@@ -6,6 +6,8 @@ All on 127.0.0.1, in processes of their own (see bench/README.md):
 - ``fakes``: bench/fakes.py -- the fake authorization server and the fake KSZ REST API;
 - ``nginx``: the reference proxy, nginx adding a static ``Authorization`` header;
 - ``bare``: bench/bare.py, the bare aiohttp pass-through proxy;
+- ``floor``: bench/floor.py, ksz-proxy's stack (aiohttp server, its own upstream client) and
+  nothing else -- the ceiling for one ksz-proxy process;
 - ``ksz`` / ``ksz-warn``: ksz-proxy at the default log level and at ``--log-level warning``;
 - ``ksz-w2``: ksz-proxy at the default log level with ``listen.workers = 2``;
 - ``cand1``, ``cand2``, ... (optional): ksz-proxy from other source trees (``PYTHONPATH``),
@@ -48,6 +50,7 @@ LABELS = {
     "direct": "direct (https)",
     "nginx": "nginx proxy",
     "bare": "bare aiohttp",
+    "floor": "floor (aiohttp server + own client)",
     "ksz": "ksz-proxy (info)",
     "ksz-warn": "ksz-proxy (warning)",
     "ksz-w2": "ksz-proxy (info, 2 workers)",
@@ -76,23 +79,27 @@ class Stack:
     upstream: Proc | None = None
     nginx: Proc | None = None
     bare: Proc | None = None
+    floor: Proc | None = None
     upstream_port: int = 0
     nginx_port: int = 0
     bare_port: int = 0
+    floor_port: int = 0
     fakes: dict[str, str] = field(default_factory=dict)
     ksz: dict[str, KszProxy] = field(default_factory=dict)
 
     @property
     def targets(self) -> tuple[str, ...]:
         """Return the targets wrk measures, direct first."""
-        return ("direct", "nginx", "bare", *self.ksz)
+        return ("direct", "nginx", "bare", "floor", *self.ksz)
 
     def url(self, target: str, body: str) -> str:
         """Return the URL wrk calls for ``target`` and ``body``."""
         path = f"{API}/{BODIES[body][0]}"
         if target == "direct":
             return f"https://127.0.0.1:{self.upstream_port}{path}"
-        port = {"nginx": self.nginx_port, "bare": self.bare_port}.get(target)
+        port = {"nginx": self.nginx_port, "bare": self.bare_port, "floor": self.floor_port}.get(
+            target
+        )
         if port is None:
             port = self.ksz[target].port
         return f"http://127.0.0.1:{port}{path}"
@@ -101,7 +108,7 @@ class Stack:
         """Return the processes doing the proxy's work for ``target`` (none for direct)."""
         if target == "direct":
             return []
-        proc = {"nginx": self.nginx, "bare": self.bare}.get(target)
+        proc = {"nginx": self.nginx, "bare": self.bare, "floor": self.floor}.get(target)
         if proc is None:
             proc = self.ksz[target].proc
         return proc.tree()
@@ -367,7 +374,20 @@ def start_stack(folder: Path, procs: Processes, candidates: Sequence[str] = ()) 
     ]
     stack.bare = procs.start("bare", argv, cwd=ROOT)
     wait_until(lambda: port_open(stack.bare_port), "bare proxy listening", stack.bare)
+    stack.floor_port = free_port()
+    stack.floor = start_floor(procs, stack.floor_port, origin, keys)
     return stack
+
+
+def start_floor(procs: Processes, port: int, origin: str, keys: Path) -> Proc:
+    """Start bench/floor.py on the tree under test (``PYTHONPATH``, checked), not a candidate."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    _check_source(str(ROOT), env, keys)
+    argv = [sys.executable, str(BENCH / "floor.py"), str(port), origin, str(keys / "ca.pem")]
+    proc = procs.start("floor", argv, cwd=keys, env=env)
+    wait_until(lambda: port_open(port), "floor proxy listening", proc)
+    return proc
 
 
 async def check_targets(stack: Stack) -> None:
