@@ -90,6 +90,9 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """Return the whole body (for answers known to be small)."""
+        conn = self._conn
+        if conn is not None and conn.complete_in_buffer():
+            return conn.take_buffered()  # the usual small answer: it came with its head
         parts = []
         while chunk := await self.read_chunk():
             parts.append(chunk)
@@ -278,7 +281,8 @@ class Connection(asyncio.Protocol):
             if body is not None:
                 self._sent = False
                 self._sender = asyncio.create_task(self._send(body, chunked))
-        await self._wait(lambda: self._head_done)
+        if not self._head_done or self._error is not None:
+            await self._wait(lambda: self._head_done)
         return UpstreamResponse(self)
 
     def _sent_nothing_back(self) -> bool:
@@ -308,8 +312,26 @@ class Connection(asyncio.Protocol):
         except Exception as exc:
             self._fail(exc)  # the caller's body broke a limit: the forwarder knows the answer
 
+    def complete_in_buffer(self) -> bool:
+        """Return True when the whole answer is in and nothing has failed."""
+        return self._complete and self._error is None
+
+    def take_buffered(self) -> bytes:
+        """Return every buffered body byte at once (the answer is complete: nothing to resume)."""
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return body
+
     async def read_chunk(self) -> bytes:
-        await self._wait(lambda: bool(self._chunks) or self._complete)
+        if not self._chunks and not self._complete:
+            await self._wait(lambda: bool(self._chunks) or self._complete)
+        elif self._error is not None:
+            raise self._error
         if not self._chunks:
             return b""
         chunk = self._chunks.popleft()
