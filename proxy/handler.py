@@ -156,15 +156,11 @@ class ProxyHandler:
                 status = exchange.status_sent or 499
             self._metrics.observe_request(route_prefix, request.method, status, duration_s)
             if exchange.upstream_error is not None:
-                self._metrics.upstream_errors.labels(
-                    route=route_prefix, reason=exchange.upstream_error
-                ).inc()
+                self._metrics.count_upstream_error(route_prefix, exchange.upstream_error)
             if exchange.retried:
-                self._metrics.retries.labels(route=route_prefix).inc()
+                self._metrics.count_retry(route_prefix)
             if exchange.token_reflected:
-                self._metrics.token_reflected.labels(route=route_prefix).inc(
-                    exchange.token_reflected
-                )
+                self._metrics.count_token_reflected(route_prefix, exchange.token_reflected)
             if access_log.isEnabledFor(logging.INFO):
                 self._log_access(
                     request, trace_id, route_prefix, status, duration_s, exchange, reason

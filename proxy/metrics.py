@@ -4,17 +4,39 @@ Every label value comes from a closed set -- a configured route prefix or ``unro
 from ``METHODS`` or ``OTHER``, a three-digit status, a reason code, a configured scope set, a
 configured client name -- so no request can create new series, and no path, query string or
 secret is ever a label.
-Children are cached per label tuple to keep ``.labels()`` off the hot path.
+
+The per-request series (``kszproxy_requests``, ``kszproxy_request_duration_seconds``,
+``kszproxy_upstream_errors``, ``kszproxy_upstream_retries``, ``kszproxy_token_reflected``) are
+plain Python numbers, counted by ``observe_request`` and the ``count_*`` methods and turned into
+metric families only when ``/metrics`` is scraped (``_Counter``, ``_Histogram``): a request costs
+a few dict look-ups and additions instead of prometheus-client's locks and child objects. They
+render exactly as prometheus-client's ``Counter`` and ``Histogram`` did (names, HELP, TYPE, label
+order, ``le`` bounds, ``_created``); ``tests/test_metrics_render.py`` compares the two.
+
+No locks: every count and every scrape runs on the event loop thread. The proxy listener's
+handler counts; the admin listener that renders ``/metrics`` is served by the same loop
+(``server.py`` starts both runners in one loop, and ``admin.py``'s handler renders inline, not in
+an executor). With ``listen.workers`` > 1 each worker is a process of its own, and the supervisor
+merges the workers' texts (``admin.merge_metrics``).
+The other series change rarely (token requests, reloads, scrape-time gauges) and stay
+prometheus-client objects.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
 
@@ -27,6 +49,104 @@ RELOAD_OUTCOMES: Final = ("success", "failure")
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+# prometheus-client's own switch for the ``_created`` series, read the way it reads it (once, at
+# import), so that the series counted here follow it like the library's own do.
+_CREATED: Final = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
+    "true",
+    "1",
+    "t",
+)
+
+
+class _Counter(Collector):
+    """A counter family whose series are plain floats, rendered when scraped.
+
+    ``series`` maps the label values (in ``labelnames`` order) to ``[value, created]``.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.series: dict[tuple[str, ...], list[float]] = {}
+
+    def cell(self, *values: str) -> list[float]:
+        """Return the ``[value, created]`` cell of one series, created at 0 when new."""
+        cell = self.series.get(values)
+        if cell is None:
+            cell = self.series[values] = [0.0, time.time()]
+        return cell
+
+    def describe(self) -> Iterable[Metric]:
+        """Return the family without samples: the registry checks its names once."""
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the family with one ``_total`` (and ``_created``) sample per series."""
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, (value, created) in self.series.items():
+            family.add_metric(values, value, created=created if _CREATED else None)
+        yield family
+
+
+class _HistogramSeries:
+    """One histogram series: the count per bucket (not cumulative; the last is +Inf), the sum."""
+
+    __slots__ = ("buckets", "created", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.buckets = [0] * size
+        self.sum = 0.0
+        self.created = time.time()
+
+
+class _Histogram(Collector):
+    """A histogram family with one label, whose series are plain numbers, rendered when scraped.
+
+    Observe ``amount`` in ``series``: ``buckets[bisect_left(bounds, amount)] += 1`` and ``sum +=
+    amount`` -- the bucket prometheus-client's ``Histogram.observe`` picks (the first bound
+    ``amount`` does not exceed) for every amount but NaN, which no duration is.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelname: str, bounds: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelname = labelname
+        self.bounds = tuple(bounds)
+        # The ``le`` values exactly as prometheus-client writes them (it has no type hints).
+        self._le: list[str] = [
+            floatToGoString(bound)  # type: ignore[no-untyped-call]
+            for bound in (*self.bounds, float("inf"))
+        ]
+        self.series: dict[str, _HistogramSeries] = {}
+
+    def get(self, value: str) -> _HistogramSeries:
+        """Return the series of one label value, created empty when new."""
+        series = self.series.get(value)
+        if series is None:
+            series = self.series[value] = _HistogramSeries(len(self._le))
+        return series
+
+    def describe(self) -> Iterable[Metric]:
+        """Return the family without samples: the registry checks its names once."""
+        return [HistogramMetricFamily(self.name, self.documentation, labels=[self.labelname])]
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the family: cumulative buckets, ``_count``, ``_sum`` (and ``_created``)."""
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.labelname])
+        for value, series in self.series.items():
+            cumulative: list[tuple[str, float]] = []
+            total = 0.0
+            for le, count in zip(self._le, series.buckets, strict=True):
+                total += count
+                cumulative.append((le, total))
+            family.add_metric([value], cumulative, series.sum)
+            if _CREATED:
+                labels = {self.labelname: value}
+                family.samples.append(Sample(f"{self.name}_created", labels, series.created))
+        yield family
 
 
 class Metrics:
@@ -42,26 +162,27 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._routes = frozenset(routes) | {"unrouted"}
-        self.requests = Counter(
+        # Registered in this order, as the families have always been listed.
+        self.requests = _Counter(
             "kszproxy_requests",
             "Requests answered on the proxy listener.",
             ["route", "method", "status"],
-            registry=r,
         )
-        self.duration = Histogram(
+        r.register(self.requests)
+        self.duration = _Histogram(
             "kszproxy_request_duration_seconds",
             "Time from request to complete answer, as the caller sees it.",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "route",
+            _LATENCY_BUCKETS,
         )
-        self.upstream_errors = Counter(
+        r.register(self.duration)
+        self.upstream_errors = _Counter(
             "kszproxy_upstream_errors",
             "Upstream transport failures by reason (dns, connect, tls, reset, timeout, protocol, "
             "proxy).",
             ["route", "reason"],
-            registry=r,
         )
+        r.register(self.upstream_errors)
         self.in_flight = Gauge(
             "kszproxy_in_flight_requests", "Requests being handled now.", registry=r
         )
@@ -85,18 +206,18 @@ class Metrics:
             ["client", "scopes"],
             registry=r,
         )
-        self.retries = Counter(
+        self.retries = _Counter(
             "kszproxy_upstream_retries",
             "Requests resent once with a fresh token after an upstream 401.",
             ["route"],
-            registry=r,
         )
-        self.token_reflected = Counter(
+        r.register(self.retries)
+        self.token_reflected = _Counter(
             "kszproxy_token_reflected",
             "Answer headers removed because they carried the access token back to the caller.",
             ["route"],
-            registry=r,
         )
+        r.register(self.token_reflected)
         self.certificate_expiry = Gauge(
             "kszproxy_certificate_expiry_timestamp_seconds",
             "notAfter of each client's signing certificate (Unix time).",
@@ -130,9 +251,9 @@ class Metrics:
         self._current: frozenset[str] = frozenset()
         self.use_clients(clients, token_keys)
         for route in self._routes:
-            self.duration.labels(route=route)
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
+            self.duration.get(route)  # every route's histogram exists, at 0, before any request
+        # (route, method label, status) -> (its kszproxy_requests cell, its route's histogram).
+        self._request_cells: dict[tuple[str, str, int], tuple[list[float], _HistogramSeries]] = {}
 
     def observe_token_fetch(self, client: str, outcome: str, duration_s: float) -> None:
         """Count one token request of a configured client, and its duration."""
@@ -145,7 +266,7 @@ class Metrics:
         """Label requests by these route prefixes from now on (a reload changed the routes)."""
         self._routes = frozenset(routes) | {"unrouted"}
         for route in self._routes:
-            self.duration.labels(route=route)
+            self.duration.get(route)
 
     def use_clients(
         self, clients: Iterable[str], token_keys: Iterable[tuple[str, frozenset[str]]]
@@ -183,19 +304,29 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, status: int, duration_s: float) -> None:
         """Count one answered request and its duration."""
-        method = method if method in METHODS else "OTHER"
-        key = (route, method, status)
-        child = self._request_children.get(key)
-        if child is None:
+        key = (route, method if method in METHODS else "OTHER", status)
+        cells = self._request_cells.get(key)
+        if cells is None:
             # The upstream chooses the status; anything outside HTTP's range shares one label.
             label = str(status) if 100 <= status <= 599 else "other"
-            child = self.requests.labels(route=route, method=method, status=label)
-            self._request_children[key] = child
-        child.inc()
-        histogram = self._duration_children.get(route)
-        if histogram is None:
-            histogram = self._duration_children[route] = self.duration.labels(route=route)
-        histogram.observe(duration_s)
+            cells = (self.requests.cell(route, key[1], label), self.duration.get(route))
+            self._request_cells[key] = cells
+        count, histogram = cells
+        count[0] += 1
+        histogram.buckets[bisect_left(_LATENCY_BUCKETS, duration_s)] += 1
+        histogram.sum += duration_s
+
+    def count_upstream_error(self, route: str, reason: str) -> None:
+        """Count one upstream transport failure of a request, by its reason code."""
+        self.upstream_errors.cell(route, reason)[0] += 1
+
+    def count_retry(self, route: str) -> None:
+        """Count one request resent with a fresh token after an upstream 401."""
+        self.retries.cell(route)[0] += 1
+
+    def count_token_reflected(self, route: str, headers: int) -> None:
+        """Count answer headers removed because they carried the access token."""
+        self.token_reflected.cell(route)[0] += headers
 
     def render(self) -> bytes:
         """Return the registry in the Prometheus text format."""
