@@ -81,6 +81,18 @@ def requests_queued_since(
             yield message, payload
 
 
+def chunked_request_since(handler: RequestHandler, count: int) -> bool:
+    """Return True when a request a connection queued after its first ``count`` is chunked."""
+    # Why: see requests_queued_since; this is its cheap question for every read.
+    messages = handler._messages
+    if len(messages) <= count:
+        return False
+    return any(
+        isinstance(message, RawRequestMessage) and message.chunked
+        for message, _ in islice(messages, count, None)
+    )
+
+
 def requests_queued(handler: RequestHandler) -> int:
     """Return how many parsed requests a connection holds that its handler has not taken yet."""
     # Why: see requests_queued_since.

@@ -10,7 +10,7 @@ Past either cap the answer is 503 ``overloaded`` at once, with ``Retry-After``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.errors import NotReady
 
@@ -23,40 +23,54 @@ class Admission:
     max_in_flight: int
     receiving: int = 0
     in_flight: int = 0
+    _receiving_slot: _ReceivingSlot = field(init=False, repr=False)
+    _in_flight_slot: _InFlightSlot = field(init=False, repr=False)
 
-    def receiving_body(self) -> _Slot:
+    def __post_init__(self) -> None:
+        self._receiving_slot = _ReceivingSlot(self)
+        self._in_flight_slot = _InFlightSlot(self)
+
+    def receiving_body(self) -> _ReceivingSlot:
         """Hold a receiving slot for a ``with`` block; 503 when all are taken."""
         if self.receiving >= self.max_receiving:
             raise _overloaded("Too many requests are still sending their body.")
-        return _Slot(self, "receiving")
+        return self._receiving_slot
 
-    def forwarding(self) -> _Slot:
+    def forwarding(self) -> _InFlightSlot:
         """Hold an in-flight slot for a ``with`` block; 503 when all are taken."""
         if self.in_flight >= self.max_in_flight:
             raise _overloaded("Too many requests in flight.")
-        return _Slot(self, "in_flight")
+        return self._in_flight_slot
 
 
-class _Slot:
-    """One slot of an ``Admission`` count, taken on entering the block and given back on leaving.
+# Plain classes, made once per Admission, rather than ``contextlib.contextmanager``: this runs
+# for every request, and a generator-based context manager costs several times as much.
 
-    A plain class rather than ``contextlib.contextmanager``: this runs for every request, and a
-    generator-based context manager costs several times as much.
-    """
 
-    __slots__ = ("_admission", "_count")
+class _ReceivingSlot:
+    __slots__ = ("_admission",)
 
-    def __init__(self, admission: Admission, count: str) -> None:
+    def __init__(self, admission: Admission) -> None:
         self._admission = admission
-        self._count = count
 
     def __enter__(self) -> None:
-        admission = self._admission
-        setattr(admission, self._count, getattr(admission, self._count) + 1)
+        self._admission.receiving += 1
 
     def __exit__(self, *exc: object) -> None:
-        admission = self._admission
-        setattr(admission, self._count, getattr(admission, self._count) - 1)
+        self._admission.receiving -= 1
+
+
+class _InFlightSlot:
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def __enter__(self) -> None:
+        self._admission.in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._admission.in_flight -= 1
 
 
 def _overloaded(detail: str) -> NotReady:

@@ -21,7 +21,8 @@ class Drain:
     def enter(self, task: asyncio.Task[Any] | None) -> None:
         """Count a request in."""
         self.in_flight += 1
-        self.idle.clear()
+        if self.in_flight == 1:
+            self.idle.clear()
         if task is not None:
             self.tasks.add(task)
 

@@ -116,6 +116,11 @@ class ChunkFramingGuard:
         self._limit = limit
         self._body: _Body | None = None
 
+    @property
+    def watching(self) -> bool:
+        """Return True while a chunked body read earlier is still open."""
+        return self._body is not None
+
     def received(self, size: int, new: Sequence[tuple[Head, Payload]]) -> bool:
         """Account for ``size`` bytes read; ``new`` holds the requests this read completed.
 

@@ -23,6 +23,7 @@ from proxy._aiohttp import (
     CustomHandlerServer,
     Http11Response,
     answer_started,
+    chunked_request_since,
     forget_interim_output,
     requests_queued,
     requests_queued_since,
@@ -330,7 +331,10 @@ class _ProxyRequestHandler(RequestHandler):
         # compares the bytes read with the heads and body data they gave.
         queued = requests_queued(self)
         super().data_received(data)
-        if not self._framing.received(len(data), list(requests_queued_since(self, queued))):
+        guard = self._framing
+        if not guard.watching and not chunked_request_since(self, queued):
+            return  # the common case: no chunked body in sight
+        if not guard.received(len(data), list(requests_queued_since(self, queued))):
             self.close()  # the handler answers 400; read nothing more on this connection
 
     def handle_error(

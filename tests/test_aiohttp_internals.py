@@ -78,7 +78,8 @@ def test_handle_error_keeps_its_signature() -> None:
 
 
 def test_request_handler_queues_parsed_requests_in_messages() -> None:
-    # requests_queued(_since) read RequestHandler._messages, filled by data_received.
+    # requests_queued(_since) and chunked_request_since read RequestHandler._messages, filled by
+    # data_received.
     assert "_messages" in RequestHandler.__slots__
     assert "self._messages.append((msg, payload))" in inspect.getsource(
         RequestHandler.data_received

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 
@@ -12,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.headers import (
     downstream_response_headers,
+    new_trace_id,
     strip_hop_by_hop,
     trace_id_for,
     upstream_request_headers,
@@ -339,3 +341,27 @@ def test_fresh_trace_ids_differ() -> None:
     assert is_fresh_uuid4(first)
     assert is_fresh_uuid4(second)
     assert first != second
+
+
+def test_fresh_trace_ids_are_uuid4_and_unique_across_buffer_refills() -> None:
+    # The random digits are read 4 KiB at a time: 256 ids per read; go past several refills.
+    ids = [new_trace_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).variant == uuid.RFC_4122 and is_fresh_uuid4(i) for i in ids)
+
+
+def test_a_forked_worker_never_repeats_the_parents_trace_ids() -> None:
+    # listen.workers forks after start-up, when the parent may hold buffered random digits.
+    new_trace_id()  # the parent's buffer is filled
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out without running pytest's exit handlers
+        os.write(write_end, new_trace_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        from_child = pipe.read().decode()
+    assert status == 0
+    assert is_fresh_uuid4(from_child)
+    assert from_child != new_trace_id()
