@@ -117,6 +117,10 @@ class _Body:
         return self.rest is None
 
 
+# A bodiless request's body, shared: only a streamed rest is ever changed (``aborted``).
+_NO_BODY: Final = _Body(buffered=b"", rest=None)
+
+
 class Forwarder:
     """Forward requests for the proxy listener; one instance per application."""
 
@@ -189,7 +193,7 @@ class Forwarder:
     async def _read_start(self, request: web.BaseRequest, declared: int | None) -> _Body:
         """Buffer a replayable body; otherwise keep the first bytes and a stream of the rest."""
         if not request.body_exists:
-            return _Body(buffered=b"", rest=None)
+            return _NO_BODY
         deadline = asyncio.get_running_loop().time() + self._body_timeout_s
         # A large body is also read up to replay_max_bytes here, before any upstream slot is
         # held: a caller that sends a byte and stalls never gets that far.

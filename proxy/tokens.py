@@ -125,9 +125,11 @@ class TokenProvider(OAuthClient):
         """Return a usable token for ``scopes``, fetching one if none is cached."""
         token = self._tokens.get(scopes)
         now = self._clock()
+        if token is not None and now < token.refresh_at:
+            return token  # the usual case: nothing to start
         entry = self._entry(scopes)
         if token is not None:
-            if now >= token.refresh_at and entry.in_flight is None and now >= entry.retry_at:
+            if entry.in_flight is None and now >= entry.retry_at:
                 self._start_fetch(entry)
             return token
         fetch = entry.in_flight
