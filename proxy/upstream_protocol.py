@@ -51,9 +51,14 @@ class EgressProxy:
         return f"EgressProxy(host={self.host!r}, port={self.port})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Origin:
-    """Where connections go, and the pool key: an origin, reached directly or through a proxy."""
+    """Where connections go, and the pool key: an origin, reached directly or through a proxy.
+
+    Compared and hashed by identity (``eq=False``): the client makes one per (upstream, egress)
+    and keeps it, so identity is equality, and the pool's lookups for every request skip a
+    Python-level hash of five fields.
+    """
 
     host: str
     port: int
