@@ -89,6 +89,7 @@ def make_session(config: Config, credentials: Credentials) -> UpstreamClient:
     context = client_context(
         upstream.ca_file,
         client_credentials=credentials if upstream.client_certificate else None,
+        resume_sessions=True,
     )
     return UpstreamClient(
         ssl_context=context,

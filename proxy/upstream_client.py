@@ -46,6 +46,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyTunnelError, UpstreamError, UpstreamTimeout
+from proxy.tls import ResumingContext
 
 # One connection and its answer have their own module; these names stay importable from here.
 from proxy.upstream_protocol import Connection, Interim, Origin, Stale, upstream_error
@@ -214,11 +215,22 @@ class UpstreamClient:
         if self._closing:
             conn.close()
             return
+        if conn.uses == 1 and isinstance(self._ssl, ResumingContext):
+            self._remember_session(conn)
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         self._wake_slot()
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._idle_s, self._sweep)
+
+    def _remember_session(self, conn: Connection) -> None:
+        """Keep a new connection's TLS session, by then holding the server's ticket."""
+        transport = conn.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if isinstance(ssl_object, ssl.SSLObject) and isinstance(self._ssl, ResumingContext):
+            session = ssl_object.session
+            if session is not None:
+                self._ssl.remember(conn.key.host, session)
 
     def forget(self, conn: Connection) -> None:
         self._open.discard(conn)

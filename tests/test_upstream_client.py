@@ -13,6 +13,7 @@ import contextlib
 import gzip
 import ssl
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ import trustme
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyTunnelError, UpstreamError, UpstreamTimeout
+from proxy.tls import client_context
 from proxy.upstream_client import EgressProxy, UpstreamClient, UpstreamResponse
 from tests.support.rawupstream import Answer, RawUpstream, answer
 
@@ -594,6 +596,34 @@ async def test_connections_are_kept_alive_and_limited(
         results = await asyncio.gather(*(get(c, upstream) for _ in range(12)))
     assert [r.status for r, _ in results] == [200] * 12
     assert upstream.connections <= 2
+
+
+async def test_a_new_connection_resumes_the_tls_session_of_the_last_one(
+    server_ssl: ssl.SSLContext, ca_file: Path
+) -> None:
+    # Pool growth and idle closes make new connections; each offers the session the last one
+    # got, so the server skips the certificate and its signature (tls.ResumingContext).
+    context = client_context(ca_file, resume_sessions=True)
+    async with RawUpstream(server_ssl) as upstream:
+        async with client_for(context, max_connections=4) as c:
+            await get(c, upstream)
+        async with client_for(context, max_connections=4) as c:
+            results = await asyncio.gather(*(get(c, upstream) for _ in range(3)))
+    assert [r.status for r, _ in results] == [200] * 3
+    assert upstream.connections >= 2
+    assert upstream.resumed[0] is False
+    assert all(upstream.resumed[1:])
+
+
+async def test_a_plain_context_never_offers_a_session(
+    server_ssl: ssl.SSLContext, ca_file: Path
+) -> None:
+    context = client_context(ca_file)
+    async with RawUpstream(server_ssl) as upstream:
+        for _ in range(2):
+            async with client_for(context) as c:
+                await get(c, upstream)
+    assert upstream.resumed == [False, False]
 
 
 @pytest.mark.parametrize(

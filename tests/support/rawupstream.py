@@ -32,6 +32,7 @@ class RawUpstream:
     )
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
+    resumed: list[bool] = field(default_factory=list)  # per TLS connection: was it resumed?
     read_body: bool = True
     close_after_answer: bool = False  # close once the answer is out (close-delimited bodies)
     port: int = 0
@@ -64,6 +65,9 @@ class RawUpstream:
         self._tasks.add(task)
         self.connections += 1
         number = self.connections
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.resumed.append(bool(ssl_object.session_reused))
         try:
             while True:
                 try:
