@@ -297,16 +297,20 @@ def write_request(
         write_access(logger, fields)
         return
     duration = repr(duration_s)
+    names = _ENCODED  # a dict look-up first: cheaper than a call to _json_name
     handler.write_line(
-        f'{{"level": "info", "time": "{_now_rfc3339()}", "logger": {_json_name(logger.name)}, '
+        f'{{"level": "info", "time": "{_now_rfc3339()}", '
+        f'"logger": {names.get(logger.name) or _json_name(logger.name)}, '
         f'"message": "request", "trace_id": {_json_str(trace_id)}, '
-        f'"method": {_METHODS.get(method) or _json_str(method)}, "route": {_json_name(route)}, '
+        f'"method": {_METHODS.get(method) or _json_str(method)}, '
+        f'"route": {names.get(route) or _json_name(route)}, '
         f'"path": {_json_str(path)}, "status": {status}, '
         f'"upstream_status": {"null" if upstream_status is None else upstream_status}, '
         f'"duration_s": {_NOT_FINITE.get(duration, duration)}, '
         f'"bytes_in": {bytes_in}, "bytes_out": {bytes_out}, '
         f'"retried": {"true" if retried else "false"}, '
-        f'"reason": {"null" if reason is None else _json_name(reason)}{_SUFFIX[0]}}}'
+        f'"reason": {"null" if reason is None else names.get(reason) or _json_name(reason)}'
+        f"{_SUFFIX[0]}}}"
     )
 
 
