@@ -268,32 +268,29 @@ def write_request(
     """Log one request's access line (message ``request``), the line JsonFormatter would write.
 
     When the JSON handler of setup() is the only output, the line is built as one string: the
-    values the caller of the proxy controls (trace id, method, path) are escaped by json's own
-    string encoder (ASCII only), the names we chose are encoded once, numbers are written as json
-    writes them. Otherwise (text format, tests capturing, another handler) it goes through
-    ``logger`` as usual, see write_access.
+    values the caller of the proxy controls (trace id, method, path) are escaped by json's own C
+    string encoder (ASCII only; the trace id too, although headers.py checked it: it costs little
+    and keeps this function right for any string), the names we chose (logger, route, reason) are
+    encoded once, the usual methods are looked up, the numbers (plain ints, a float) are written
+    as json writes them. tests/test_access_line.py compares it with JsonFormatter's line byte for
+    byte. Otherwise (text format, tests capturing, another handler) the fields go through
+    ``logger`` as usual (write_access).
     """
     handler = _direct_handler(logger)
     if handler is None:
-        fields = dict(
-            zip(
-                ACCESS_FIELDS,
-                (
-                    trace_id,
-                    method,
-                    route,
-                    path,
-                    status,
-                    upstream_status,
-                    duration_s,
-                    bytes_in,
-                    bytes_out,
-                    retried,
-                    reason,
-                ),
-                strict=True,
-            )
-        )
+        fields = {
+            "trace_id": trace_id,
+            "method": method,
+            "route": route,
+            "path": path,
+            "status": status,
+            "upstream_status": upstream_status,
+            "duration_s": duration_s,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "retried": retried,
+            "reason": reason,
+        }  # in the order of ACCESS_FIELDS
         write_access(logger, fields)
         return
     duration = repr(duration_s)
