@@ -177,20 +177,20 @@ class ProxyHandler:
         exchange: Exchange,
         reason: str | None,
     ) -> None:
-        fields: dict[str, object] = {
-            "trace_id": trace_id,
-            "method": request.method,
-            "route": route_prefix,
-            "path": request.raw_path.partition("?")[0],
-            "status": status,
-            "upstream_status": exchange.upstream_status,
-            "duration_s": round(duration_s, 6),
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-            "retried": exchange.retried,
-            "reason": reason,
-        }
-        logs.write_access(access_log, fields)
+        logs.write_request(
+            access_log,
+            trace_id=trace_id,
+            method=request.method,
+            route=route_prefix,
+            path=request.raw_path.partition("?")[0],
+            status=status,
+            upstream_status=exchange.upstream_status,
+            duration_s=round(duration_s, 6),
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out,
+            retried=exchange.retried,
+            reason=reason,
+        )
 
     def _accept(self, request: web.BaseRequest) -> Route:
         """Apply the inbound policy and return the route; raise RequestRejected otherwise."""

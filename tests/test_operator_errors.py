@@ -28,7 +28,7 @@ class _Lines(logging.Handler):
 
 @pytest.fixture
 def access_lines() -> Iterator[list[logging.LogRecord]]:
-    # A second handler on the logger itself: write_access then takes the ordinary logging path.
+    # A second handler on the logger itself: write_request then takes the ordinary logging path.
     logger = logging.getLogger("ksz_proxy.access")
     handler, level = _Lines(), logger.level
     logger.addHandler(handler)
