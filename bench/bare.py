@@ -6,14 +6,13 @@ over the same kind of verified, pooled TLS client session; stops on SIGTERM or S
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import ssl
 import sys
 
 import aiohttp
 import uvloop
 from aiohttp import web
+from listen import serve_until_signal
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -42,15 +41,7 @@ async def main(port: int, origin: str, ca_file: str) -> None:
             await response.write_eof()
             return response
 
-    runner = web.ServerRunner(web.Server(handle, access_log=None), handle_signals=False)
-    await runner.setup()
-    # nginx listens with a backlog of 511; aiohttp's default of 128 drops connections at c=256.
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signal(web.Server(handle, access_log=None), port)
     await session.close()
 
 

@@ -14,12 +14,12 @@ every request body, stream. Stops on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
 import uvloop
 from aiohttp import web
+from listen import serve_until_signal
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamError
@@ -114,16 +114,7 @@ async def main(port: int, origin: str, ca_file: str) -> None:
         finally:
             upstream.release()  # a connection left mid-body is closed, never reused
 
-    server = web.Server(handle, access_log=None, auto_decompress=False)
-    runner = web.ServerRunner(server, handle_signals=False)
-    await runner.setup()
-    # nginx listens with a backlog of 511; aiohttp's default of 128 drops connections at c=256.
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signal(web.Server(handle, access_log=None, auto_decompress=False), port)
     await client.close()
 
 
