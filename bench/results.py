@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from instructions import WARMUP, Count
 from loads import Key, Sample
 from stack import LABELS, SMALL_BODY, GiB, Stack
 
@@ -186,6 +187,10 @@ def render(
             out.append(f"| {body} | {c} | " + " | ".join(cells) + " |")
     out.append("")
 
+    instructions = extras.get("instructions")
+    if instructions is not None:
+        out += [instructions_section(instructions), ""]
+
     out += ["## Other measurements", ""]
     for name, ksz in stack.ksz.items():
         out.append(
@@ -298,3 +303,48 @@ def _verdicts(
             )
         )
     return verdicts
+
+
+def instructions_section(counts: dict[str, Count]) -> str:
+    """Return the "Instructions per request" section: one row per target, ratios to floor, bare."""
+    requests = next(iter(counts.values())).requests
+    valgrind = _first_line([shutil.which("valgrind") or "valgrind", "--version"])
+    floor, bare = counts["floor"].per_request, counts["bare"].per_request
+    out = [
+        "## Instructions per request",
+        "",
+        f"User-space instructions per request, counted by callgrind ({valgrind}): each target "
+        f"started afresh under valgrind, {WARMUP} sequential GETs of the small body on one "
+        f"keep-alive connection, then {requests} more counted on it (the kernel's share, the "
+        "socket system calls, is not counted). Repeatable to about 0.1 % on a busy machine: "
+        "compare these when a change is worth a few per cent.",
+        "",
+        "| target | instructions/request | /floor | /bare |",
+        "|---|---:|---:|---:|",
+    ]
+    for target, count in counts.items():
+        out.append(
+            f"| {LABELS[target]} | {count.per_request:,.0f} | {count.per_request / floor:.2f} "
+            f"| {count.per_request / bare:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def render_instructions(counts: dict[str, Count], *, command: str) -> str:
+    """Return the report of an instructions-only run (``--instructions-only``)."""
+    info = machine()
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            "# ksz-proxy instruction counts",
+            "",
+            f"Run: {now}, `{command}` (no wrk rounds).",
+            "",
+            f"Machine: {info['cores']} cores, {info['cpu']}, Linux {info['kernel']}. "
+            f"Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}, "
+            f"nginx {info['nginx']} (the upstream).",
+            "",
+            instructions_section(counts),
+            "",
+        ]
+    )
