@@ -148,7 +148,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def _instructions(settings: argparse.Namespace, stack: Stack) -> dict[str, Count]:
     print(
         f"Instructions per request under callgrind, {settings.instructions_requests} sequential "
-        "requests per target (each starts afresh, 10-20 s under valgrind) ...",
+        "requests per target, each started afresh (about 20 s per target) ...",
         flush=True,
     )
     out = Path(settings.instructions_out) if settings.instructions_out else None

@@ -86,6 +86,10 @@ def _count(stack: Stack, target: str, source: str | None, requests: int, folder:
     dump = folder / f"{target}.out"
     prefix = folder / "vgdb"
     wrap = [
+        # One string hash seed for every target and run: dict and set layouts, and so the
+        # instructions spent probing them, would otherwise differ from one run to the next.
+        "env",
+        "PYTHONHASHSEED=0",
         shutil.which("valgrind") or "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
