@@ -113,6 +113,14 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="sequential requests counted per target (default 1000)",
     )
     parser.add_argument(
+        "--instructions-repeat",
+        type=int,
+        default=1,
+        metavar="K",
+        help="count each target K times, each in a fresh process; the report gives the median "
+        "and the range (default 1)",
+    )
+    parser.add_argument(
         "--instructions-out",
         metavar="DIR",
         help="keep callgrind's files and callgrind_annotate's reading of them per target in DIR "
@@ -137,22 +145,28 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--profile-target: one of {', '.join(sorted(profiled))}")
     if args.instructions_only and args.profile:
         parser.error("--profile needs the wrk rounds: not with --instructions-only")
-    if args.instructions_requests < 1:
-        parser.error("--instructions-requests: at least 1")
+    if args.instructions_requests < 1 or args.instructions_repeat < 1:
+        parser.error("--instructions-requests and --instructions-repeat: at least 1")
     args.instructions = args.instructions or bool(args.instructions_out)
     # An instructions-only report would replace the full one in bench/RESULTS.md.
     args.no_write = args.no_write or args.instructions_only
     return args
 
 
-def _instructions(settings: argparse.Namespace, stack: Stack) -> dict[str, Count]:
+def _instructions(settings: argparse.Namespace, stack: Stack) -> dict[str, list[Count]]:
     print(
         f"Instructions per request under callgrind, {settings.instructions_requests} sequential "
         "requests per target, each started afresh (about 20 s per target) ...",
         flush=True,
     )
     out = Path(settings.instructions_out) if settings.instructions_out else None
-    counts = measure_instructions(stack, settings.candidates, settings.instructions_requests, out)
+    counts = measure_instructions(
+        stack,
+        settings.candidates,
+        settings.instructions_requests,
+        repeat=settings.instructions_repeat,
+        out=out,
+    )
     if out is not None:
         print(f"  callgrind's files and callgrind_annotate's reading of them in {out}", flush=True)
     return counts

@@ -46,6 +46,7 @@ class Count:
     instructions: int
     start_s: float  # from spawn under valgrind to ready
     counted_s: float  # how long the counted requests took under callgrind
+    dump: Path  # callgrind's file
 
     @property
     def per_request(self) -> float:
@@ -61,30 +62,43 @@ def instruction_targets(candidates: Sequence[str]) -> dict[str, str | None]:
 
 
 def measure_instructions(
-    stack: Stack, candidates: Sequence[str], requests: int, out: Path | None = None
-) -> dict[str, Count]:
-    """Count the instructions per request of every target; keep callgrind's files in ``out``."""
+    stack: Stack,
+    candidates: Sequence[str],
+    requests: int,
+    *,
+    repeat: int = 1,
+    out: Path | None = None,
+) -> dict[str, list[Count]]:
+    """Count the instructions per request of every target, ``repeat`` times each.
+
+    Each count starts its target afresh; the targets take turns, so a slow spell of the machine
+    does not fall on one of them. ``out`` keeps callgrind's files of the first count of each.
+    """
     folder = stack.folder / "callgrind"
     folder.mkdir(exist_ok=True)
-    counts: dict[str, Count] = {}
-    for target, source in instruction_targets(candidates).items():
-        count = _count(stack, target, source, requests, folder)
-        counts[target] = count
-        print(
-            f"  {LABELS[target]:<36} {count.per_request:>10,.0f} instructions/request "
-            f"(ready in {count.start_s:.0f} s; {requests} requests counted in "
-            f"{count.counted_s:.0f} s)",
-            flush=True,
-        )
-        if out is not None:
-            keep(folder / f"{target}.out.1", out, target)
+    counts: dict[str, list[Count]] = {}
+    for run in range(1, repeat + 1):
+        for target, source in instruction_targets(candidates).items():
+            count = _count(stack, target, source, requests, folder / f"{target}-{run}")
+            counts.setdefault(target, []).append(count)
+            print(
+                f"  [{run}/{repeat}] {LABELS[target]:<36} {count.per_request:>10,.0f} "
+                f"instructions/request (ready in {count.start_s:.0f} s; {requests} requests "
+                f"counted in {count.counted_s:.0f} s)",
+                flush=True,
+            )
+            if out is not None and run == 1:
+                keep(count.dump, out, target)
     return counts
 
 
-def _count(stack: Stack, target: str, source: str | None, requests: int, folder: Path) -> Count:
-    """Start ``target`` under callgrind, send the requests, return what they cost."""
-    dump = folder / f"{target}.out"
-    prefix = folder / "vgdb"
+def _count(stack: Stack, target: str, source: str | None, requests: int, base: Path) -> Count:
+    """Start ``target`` under callgrind, send the requests, return what they cost.
+
+    Callgrind writes the counts to ``<base>.out.1`` when told to dump (``<base>.out`` at exit,
+    with nothing counted since).
+    """
+    prefix = base.parent / "vgdb"
     wrap = [
         # One string hash seed for every target and run: dict and set layouts, and so the
         # instructions spent probing them, would otherwise differ from one run to the next.
@@ -93,12 +107,12 @@ def _count(stack: Stack, target: str, source: str | None, requests: int, folder:
         shutil.which("valgrind") or "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
-        f"--callgrind-out-file={dump}",
+        f"--callgrind-out-file={base}.out",
         "--vgdb=yes",
         f"--vgdb-prefix={prefix}",
     ]
     started = time.perf_counter()
-    proc, port = _start(stack, target, source, wrap)
+    proc, port = _start(stack, target, source, wrap, f"callgrind-{base.name}")
     try:
         start_s = time.perf_counter() - started
         path = f"{API}/{BODIES['small'][0]}"
@@ -115,15 +129,17 @@ def _count(stack: Stack, target: str, source: str | None, requests: int, folder:
             conn.close()
     finally:
         stack.procs.stop(proc, timeout_s=60)
-    match = _TOTALS.search((folder / f"{target}.out.1").read_bytes())
+    dump = base.with_name(base.name + ".out.1")
+    match = _TOTALS.search(dump.read_bytes())
     if match is None:
-        raise RuntimeError(f"{target}: no totals in callgrind's dump {dump}.1")
-    return Count(target, requests, int(match.group(1)), start_s, counted_s)
+        raise RuntimeError(f"{target}: no totals in callgrind's dump {dump}")
+    return Count(target, requests, int(match.group(1)), start_s, counted_s, dump)
 
 
-def _start(stack: Stack, target: str, source: str | None, wrap: Sequence[str]) -> tuple[Proc, int]:
+def _start(
+    stack: Stack, target: str, source: str | None, wrap: Sequence[str], name: str
+) -> tuple[Proc, int]:
     """Start a fresh ``target`` under ``wrap``; return it and its port once it is ready."""
-    name = f"callgrind-{target}"
     if target in ("bare", "floor"):
         port = free_port()
         start = start_bare if target == "bare" else start_floor

@@ -305,32 +305,42 @@ def _verdicts(
     return verdicts
 
 
-def instructions_section(counts: dict[str, Count]) -> str:
-    """Return the "Instructions per request" section: one row per target, ratios to floor, bare."""
-    requests = next(iter(counts.values())).requests
+def instructions_section(counts: dict[str, list[Count]]) -> str:
+    """Return the "Instructions per request" section: one row per target, ratios to floor, bare.
+
+    With several counts per target: the median, the range in parentheses; ratios of the medians.
+    """
+    first = next(iter(counts.values()))
+    requests, repeat = first[0].requests, len(first)
+    per_request = {t: _median([c.per_request for c in runs]) for t, runs in counts.items()}
     valgrind = _first_line([shutil.which("valgrind") or "valgrind", "--version"])
-    floor, bare = counts["floor"].per_request, counts["bare"].per_request
+    counted = "counted" if repeat == 1 else f"counted; {repeat} counts per target, median (range)"
     out = [
         "## Instructions per request",
         "",
         f"User-space instructions per request, counted by callgrind ({valgrind}): each target "
         f"started afresh under valgrind, {WARMUP} sequential GETs of the small body on one "
-        f"keep-alive connection, then {requests} more counted on it (the kernel's share, the "
-        "socket system calls, is not counted). Repeatable to about 0.1 % on a busy machine: "
-        "compare these when a change is worth a few per cent.",
+        f"keep-alive connection, then {requests} more on it {counted}. The kernel's share (the "
+        "socket system calls, the same in number for every target) is not counted. Repeatable "
+        "to about 0.5 % between runs on a busy machine: compare these when a change is worth a "
+        "few per cent.",
         "",
         "| target | instructions/request | /floor | /bare |",
         "|---|---:|---:|---:|",
     ]
-    for target, count in counts.items():
+    for target, runs in counts.items():
+        figure = f"{per_request[target]:,.0f}"
+        if repeat > 1:
+            values = [c.per_request for c in runs]
+            figure += f" ({min(values):,.0f}-{max(values):,.0f})"
         out.append(
-            f"| {LABELS[target]} | {count.per_request:,.0f} | {count.per_request / floor:.2f} "
-            f"| {count.per_request / bare:.2f} |"
+            f"| {LABELS[target]} | {figure} | {per_request[target] / per_request['floor']:.2f} "
+            f"| {per_request[target] / per_request['bare']:.2f} |"
         )
     return "\n".join(out)
 
 
-def render_instructions(counts: dict[str, Count], *, command: str) -> str:
+def render_instructions(counts: dict[str, list[Count]], *, command: str) -> str:
     """Return the report of an instructions-only run (``--instructions-only``)."""
     info = machine()
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
