@@ -20,10 +20,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from instructions import Count, measure_instructions
 from loads import cold_burst, measure, profile, stream_measure
 from procs import Processes
-from results import render
-from stack import BENCH, BODIES, LABELS, GiB, check_targets, start_stack, tree_rss_kib
+from results import render, render_instructions
+from stack import (
+    BENCH,
+    BODIES,
+    LABELS,
+    GiB,
+    Stack,
+    check_targets,
+    start_base,
+    start_stack,
+    tree_rss_kib,
+)
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -82,6 +93,40 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where py-spy's collapsed stacks go (default /tmp/ksz-proxy-profile.txt)",
     )
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="after the wrk rounds, count the instructions per request of bare, floor, ksz, "
+        "ksz-warn and each candidate, each started afresh under valgrind (callgrind); "
+        "a few minutes",
+    )
+    parser.add_argument(
+        "--instructions-only",
+        action="store_true",
+        help="only the instruction counts: no wrk rounds, streams, cold burst or profile; the "
+        "report is printed, bench/RESULTS.md left as it is",
+    )
+    parser.add_argument(
+        "--instructions-requests",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="sequential requests counted per target (default 1000)",
+    )
+    parser.add_argument(
+        "--instructions-repeat",
+        type=int,
+        default=1,
+        metavar="K",
+        help="count each target K times, each in a fresh process; the report gives the median "
+        "and the range (default 1)",
+    )
+    parser.add_argument(
+        "--instructions-out",
+        metavar="DIR",
+        help="keep callgrind's files and callgrind_annotate's reading of them per target in DIR "
+        "(implies --instructions)",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="print the report only; leave bench/RESULTS.md"
     )
     parser.add_argument(
@@ -98,10 +143,46 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     profiled |= {f"cand{n}" for n in range(1, len(args.candidates) + 1)}
     if args.profile and args.profile_target not in profiled:
         parser.error(f"--profile-target: one of {', '.join(sorted(profiled))}")
+    if args.instructions_only and args.profile:
+        parser.error("--profile needs the wrk rounds: not with --instructions-only")
+    if args.instructions_requests < 1 or args.instructions_repeat < 1:
+        parser.error("--instructions-requests and --instructions-repeat: at least 1")
+    args.instructions = args.instructions or bool(args.instructions_out)
+    # An instructions-only report would replace the full one in bench/RESULTS.md.
+    args.no_write = args.no_write or args.instructions_only
     return args
 
 
+def _instructions(settings: argparse.Namespace, stack: Stack) -> dict[str, list[Count]]:
+    print(
+        f"Instructions per request under callgrind, {settings.instructions_requests} sequential "
+        "requests per target, each started afresh (about 20 s per target) ...",
+        flush=True,
+    )
+    out = Path(settings.instructions_out) if settings.instructions_out else None
+    counts = measure_instructions(
+        stack,
+        settings.candidates,
+        settings.instructions_requests,
+        repeat=settings.instructions_repeat,
+        out=out,
+    )
+    if out is not None:
+        print(f"  callgrind's files and callgrind_annotate's reading of them in {out}", flush=True)
+    return counts
+
+
+def _run_instructions_only(
+    settings: argparse.Namespace, procs: Processes, folder: Path, command: str
+) -> str:
+    print("Starting the upstream and the fakes ...", flush=True)
+    stack = start_base(folder, procs)
+    return render_instructions(_instructions(settings, stack), command=command)
+
+
 def _run(settings: argparse.Namespace, procs: Processes, folder: Path, command: str) -> str:
+    if settings.instructions_only:
+        return _run_instructions_only(settings, procs, folder, command)
     print(
         "Starting the upstream, the fakes, ksz-proxy, nginx, the bare and floor proxies ...",
         flush=True,
@@ -136,6 +217,8 @@ def _run(settings: argparse.Namespace, procs: Processes, folder: Path, command: 
             Path(settings.profile_out),
             native=settings.profile_native,
         )
+    if settings.instructions:
+        extras["instructions"] = _instructions(settings, stack)
     if settings.stream_bytes:
         print(f"Streaming {settings.stream_bytes / GiB:g} GiB down, then up ...", flush=True)
         extras["stream"] = asyncio.run(stream_measure(stack.ksz["ksz"], settings.stream_bytes))

@@ -88,6 +88,11 @@ class Stack:
     ksz: dict[str, KszProxy] = field(default_factory=dict)
 
     @property
+    def origin(self) -> str:
+        """Return the upstream nginx's origin (https)."""
+        return f"https://127.0.0.1:{self.upstream_port}"
+
+    @property
     def targets(self) -> tuple[str, ...]:
         """Return the targets wrk measures, direct first."""
         return ("direct", "nginx", "bare", "floor", *self.ksz)
@@ -279,8 +284,13 @@ def start_ksz(
     workers: int = 1,
     pythonpath: str | None = None,
     wait_ready: bool = True,
+    wrap: Sequence[str] = (),
+    ready_timeout_s: float = 30.0,
 ) -> KszProxy:
-    """Start ksz-proxy; measure the time from spawn to ``/readyz`` 200 and the idle RSS."""
+    """Start ksz-proxy; measure the time from spawn to ``/readyz`` 200 and the idle RSS.
+
+    ``wrap`` goes before the interpreter (valgrind, for the instruction counts).
+    """
     port, admin_port = free_port(), free_port()
     config = stack.keys / f"{name}.toml"
     config.write_text(
@@ -288,7 +298,17 @@ def start_ksz(
             stack, port=port, admin_port=admin_port, max_in_flight=max_in_flight, workers=workers
         )
     )
-    argv = [sys.executable, "-m", "proxy", "--log-level", log_level, "run", "-c", str(config)]
+    argv = [
+        *wrap,
+        sys.executable,
+        "-m",
+        "proxy",
+        "--log-level",
+        log_level,
+        "run",
+        "-c",
+        str(config),
+    ]
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
@@ -299,7 +319,12 @@ def start_ksz(
     if not wait_ready:
         wait_until(lambda: port_open(port), f"{name} listening", proc)
         return KszProxy(proc=proc, port=port, admin_port=admin_port, started_s=0, idle_rss_kib=0)
-    wait_until(lambda: http_call(admin_port, "/readyz")[0] == 200, f"{name} ready", proc)
+    wait_until(
+        lambda: http_call(admin_port, "/readyz")[0] == 200,
+        f"{name} ready",
+        proc,
+        timeout_s=ready_timeout_s,
+    )
     started_s = time.perf_counter() - started
     time.sleep(0.5)  # the idle figure, once start-up has settled
     return KszProxy(
@@ -331,8 +356,18 @@ def _check_source(pythonpath: str, env: dict[str, str], cwd: Path) -> None:
         raise RuntimeError(f"PYTHONPATH={pythonpath} imports proxy from {where}")
 
 
-def start_stack(folder: Path, procs: Processes, candidates: Sequence[str] = ()) -> Stack:
-    """Write the files and start every server; return where they listen."""
+def label_candidates(candidates: Sequence[str]) -> list[str]:
+    """Name the ``--candidate`` trees cand1, cand2, ... (in LABELS too); return the names."""
+    names = []
+    for number, source in enumerate(candidates, 1):
+        name = f"cand{number}"
+        LABELS[name] = f"{name} ({Path(source).name}, info)"
+        names.append(name)
+    return names
+
+
+def start_base(folder: Path, procs: Processes) -> Stack:
+    """Write the files and start what every proxy needs: the upstream nginx and the fakes."""
     keys = write_files(folder)
     stack = Stack(folder=folder, keys=keys, procs=procs)
     stack.upstream_port = free_port()
@@ -347,12 +382,17 @@ def start_stack(folder: Path, procs: Processes, candidates: Sequence[str] = ()) 
     fakes = procs.start("fakes", [sys.executable, str(BENCH / "fakes.py"), str(keys)], cwd=ROOT)
     wait_until(lambda: (keys / "fakes.json").exists(), "fakes ready", fakes)
     stack.fakes = json.loads((keys / "fakes.json").read_text())
+    return stack
+
+
+def start_stack(folder: Path, procs: Processes, candidates: Sequence[str] = ()) -> Stack:
+    """Write the files and start every server; return where they listen."""
+    stack = start_base(folder, procs)
+    keys = stack.keys
     stack.ksz["ksz"] = start_ksz(stack, "ksz", "info")
     stack.ksz["ksz-warn"] = start_ksz(stack, "ksz-warn", "warning")
     stack.ksz["ksz-w2"] = start_ksz(stack, "ksz-w2", "info", workers=2)
-    for number, source in enumerate(candidates, 1):
-        name = f"cand{number}"
-        LABELS[name] = f"{name} ({Path(source).name}, info)"
+    for name, source in zip(label_candidates(candidates), candidates, strict=True):
         stack.ksz[name] = start_ksz(stack, name, "info", pythonpath=source)
     stack.nginx_port = free_port()
     ngx = folder / "nginx-proxy"
@@ -364,29 +404,53 @@ def start_stack(folder: Path, procs: Processes, candidates: Sequence[str] = ()) 
         stack.nginx_port,
     )
     stack.bare_port = free_port()
-    origin = f"https://127.0.0.1:{stack.upstream_port}"
-    argv = [
-        sys.executable,
-        str(BENCH / "bare.py"),
-        str(stack.bare_port),
-        origin,
-        str(keys / "ca.pem"),
-    ]
-    stack.bare = procs.start("bare", argv, cwd=ROOT)
-    wait_until(lambda: port_open(stack.bare_port), "bare proxy listening", stack.bare)
+    stack.bare = start_bare(procs, stack.bare_port, stack.origin, keys)
     stack.floor_port = free_port()
-    stack.floor = start_floor(procs, stack.floor_port, origin, keys)
+    stack.floor = start_floor(procs, stack.floor_port, stack.origin, keys)
     return stack
 
 
-def start_floor(procs: Processes, port: int, origin: str, keys: Path) -> Proc:
+def start_bare(
+    procs: Processes,
+    port: int,
+    origin: str,
+    keys: Path,
+    *,
+    name: str = "bare",
+    wrap: Sequence[str] = (),
+    timeout_s: float = 30.0,
+) -> Proc:
+    """Start bench/bare.py (``wrap`` before the interpreter); return once it listens."""
+    argv = [*wrap, sys.executable, str(BENCH / "bare.py"), str(port), origin, str(keys / "ca.pem")]
+    proc = procs.start(name, argv, cwd=ROOT)
+    wait_until(lambda: port_open(port), f"{name} listening", proc, timeout_s=timeout_s)
+    return proc
+
+
+def start_floor(
+    procs: Processes,
+    port: int,
+    origin: str,
+    keys: Path,
+    *,
+    name: str = "floor",
+    wrap: Sequence[str] = (),
+    timeout_s: float = 30.0,
+) -> Proc:
     """Start bench/floor.py on the tree under test (``PYTHONPATH``, checked), not a candidate."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
     _check_source(str(ROOT), env, keys)
-    argv = [sys.executable, str(BENCH / "floor.py"), str(port), origin, str(keys / "ca.pem")]
-    proc = procs.start("floor", argv, cwd=keys, env=env)
-    wait_until(lambda: port_open(port), "floor proxy listening", proc)
+    argv = [
+        *wrap,
+        sys.executable,
+        str(BENCH / "floor.py"),
+        str(port),
+        origin,
+        str(keys / "ca.pem"),
+    ]
+    proc = procs.start(name, argv, cwd=keys, env=env)
+    wait_until(lambda: port_open(port), f"{name} listening", proc, timeout_s=timeout_s)
     return proc
 
 
