@@ -615,6 +615,16 @@ async def test_a_new_connection_resumes_the_tls_session_of_the_last_one(
     assert all(upstream.resumed[1:])
 
 
+def test_no_environment_variable_makes_the_contexts_log_tls_secrets(
+    ca_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # ssl.create_default_context honours SSLKEYLOGFILE; the proxy's contexts do not.
+    monkeypatch.setenv("SSLKEYLOGFILE", str(tmp_path / "keys.log"))
+    assert ssl.create_default_context().keylog_filename == str(tmp_path / "keys.log")
+    for resume in (False, True):
+        assert client_context(ca_file, resume_sessions=resume).keylog_filename is None
+
+
 async def test_a_plain_context_never_offers_a_session(
     server_ssl: ssl.SSLContext, ca_file: Path
 ) -> None:
