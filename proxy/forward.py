@@ -166,7 +166,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Send ``request`` to the route's upstream and stream the answer back."""
         if body is None:
-            body = await self.receive(request)
+            body = await self.receive(request) if request.body_exists else _NO_BODY
         declared = request.content_length
         tokens = self._tokens[route.client]
         token = _own(await tokens.get(route.scopes), route)
