@@ -45,7 +45,7 @@ from aiohttp import web
 
 from proxy import logs
 from proxy.admin import Answer, make_merged_admin_app
-from proxy.config import Config
+from proxy.config import Config, load_config
 from proxy.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
 from proxy.server import WorkerSetup, authority, bound_port, listen
 
@@ -83,6 +83,12 @@ class Supervisor:
     # Why the supervisor refused to run (its admin port is taken), for the command line to say.
     refused: ConfigError | None = None
     sessions: dict[int, aiohttp.ClientSession] = field(default_factory=dict)
+    # How long the workers drain on SIGTERM: listen.drain_timeout_s of the configuration the
+    # workers run, re-read on every SIGHUP (``_signal_workers``); 0 until __post_init__.
+    drain_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.drain_s = self.config.listen.drain_timeout_s
 
     @property
     def stopping(self) -> bool:
@@ -193,7 +199,7 @@ def _stop_requested(supervisor: Supervisor, sig: signal.Signals) -> None:
     if not supervisor.stop.is_set():
         log.info(
             "stopping: workers drain in-flight requests",
-            extra={"signal": sig.name, "drain_s": supervisor.config.listen.drain_timeout_s},
+            extra={"signal": sig.name, "drain_s": supervisor.drain_s},
         )
     supervisor.stop.set()
 
@@ -207,6 +213,29 @@ def _signal_workers(supervisor: Supervisor, sig: signal.Signals) -> None:
             "credential reload passed on to the workers",
             extra={"workers": len(supervisor.running())},
         )
+        _reread_drain_timeout(supervisor)
+
+
+def _reread_drain_timeout(supervisor: Supervisor) -> None:
+    """Wait as long on SIGTERM as the workers' reloaded ``listen.drain_timeout_s`` lets them drain.
+
+    The workers reload the whole configuration; the supervisor reads the same file for this one
+    key, which decides when it kills a worker that is still draining. A file the workers refuse
+    is refused here too, and the old value stays.
+    """
+    source = supervisor.config.source
+    if source is None:
+        return
+    try:
+        drain_s = load_config(source, os.environ).listen.drain_timeout_s
+    except (ConfigError, OSError):
+        return  # the workers log why; they keep their configuration, and so does this
+    if drain_s != supervisor.drain_s:
+        log.info(
+            "drain timeout changed by the reload",
+            extra={"drain_s": drain_s, "was_s": supervisor.drain_s},
+        )
+        supervisor.drain_s = drain_s
 
 
 async def _reap(supervisor: Supervisor) -> None:
@@ -260,7 +289,7 @@ async def _wait_listening(supervisor: Supervisor) -> None:
 async def _stop_workers(supervisor: Supervisor) -> None:
     """SIGTERM every running worker, wait for the drain, then kill what is left."""
     _signal_workers(supervisor, signal.SIGTERM)
-    deadline = time.monotonic() + supervisor.config.listen.drain_timeout_s + STOP_GRACE_S
+    deadline = time.monotonic() + supervisor.drain_s + STOP_GRACE_S
     await _wait_exited(supervisor.workers, deadline)
     left = supervisor.running()
     for worker in left:

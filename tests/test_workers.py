@@ -7,6 +7,7 @@ function, and the configuration rule that workers need a fixed port.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -141,6 +142,35 @@ async def test_two_workers_share_the_port_and_the_admin_listener_merges_them(
     assert {e.get("worker") for e in by_workers} == {0, 1}
     # The supervisor's own lines carry none.
     assert "worker" not in next(e for e in proxy.entries if e["message"] == "ksz-proxy started")
+
+
+@pytest.mark.slow
+async def test_a_reloaded_drain_timeout_is_the_one_the_supervisor_waits_for(
+    config_writer: ConfigWriter, fake_upstream: UpstreamHandle
+) -> None:
+    # The workers reload listen.drain_timeout_s with the rest; the supervisor, which kills a
+    # worker still draining after drain_timeout_s + 5 s, used to keep the start-up value.
+    port = free_port()
+    config = config_writer(drain_timeout_s=0.5, listen={"port": port, "workers": WORKERS})
+    async with run_proxy(config) as proxy, aiohttp.ClientSession() as session:
+        await wait_ready(session, proxy)
+        config_writer(drain_timeout_s=15, listen={"port": port, "workers": WORKERS})
+        proxy.send(signal.SIGHUP)
+        await until(
+            lambda: any(
+                e["message"] == "drain timeout changed by the reload" for e in proxy.entries
+            )
+        )
+        await until(
+            lambda: sum(e["message"] == "credentials reloaded" for e in proxy.entries) == WORKERS
+        )
+        # Longer than the old 0.5 s + 5 s the supervisor gave before it killed the workers.
+        slow = asyncio.create_task(fresh_connection_get(f"{proxy.proxy_url}{DEMO}/stall?seconds=7"))
+        await until(lambda: fake_upstream.upstream.count == 1)
+        proxy.send(signal.SIGTERM)
+        assert await slow == 200
+        assert await proxy.exit_code() == 0
+    assert not any(e["message"] == "worker did not stop in time; killing it" for e in proxy.entries)
 
 
 @pytest.mark.slow
