@@ -46,6 +46,9 @@ from proxy.scopes import scope_label as scope_label
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TOKEN_OUTCOMES: Final = ("success", "rejected", "error")
 RELOAD_OUTCOMES: Final = ("success", "failure")
+# Every reason an UpstreamError carries (upstream_protocol._DETAILS, UpstreamTimeout,
+# ProxyTunnelError): kszproxy_upstream_errors_total has each of them at 0 for every route.
+UPSTREAM_REASONS: Final = ("dns", "connect", "tls", "reset", "timeout", "protocol", "proxy")
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -250,8 +253,7 @@ class Metrics:
         self._clients: frozenset[str] = frozenset()
         self._current: frozenset[str] = frozenset()
         self.use_clients(clients, token_keys)
-        for route in self._routes:
-            self.duration.get(route)  # every route's histogram exists, at 0, before any request
+        self._zero_series()
         # (route, method label, status) -> (its kszproxy_requests cell, its route's histogram).
         self._request_cells: dict[tuple[str, str, int], tuple[list[float], _HistogramSeries]] = {}
 
@@ -265,8 +267,23 @@ class Metrics:
     def set_routes(self, routes: Iterable[str]) -> None:
         """Label requests by these route prefixes from now on (a reload changed the routes)."""
         self._routes = frozenset(routes) | {"unrouted"}
-        for route in self._routes:
+        self._zero_series()
+
+    def _zero_series(self) -> None:
+        """Make every route's series exist at 0 before anything is counted.
+
+        Prometheus' ``increase()`` and ``rate()`` miss a series that first appears at 1: without
+        these, the first upstream error, retry or reflected token on a route would never show
+        in ``KszProxyUpstreamErrors`` or fire ``KszProxyTokenReflected``.
+        """
+        for route in sorted(self._routes):
             self.duration.get(route)
+            if route == "unrouted":
+                continue  # refused before any upstream: none of these can happen to it
+            self.retries.cell(route)
+            self.token_reflected.cell(route)
+            for reason in UPSTREAM_REASONS:
+                self.upstream_errors.cell(route, reason)
 
     def use_clients(
         self, clients: Iterable[str], token_keys: Iterable[tuple[str, frozenset[str]]]

@@ -24,7 +24,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import merge_metrics
-from proxy.metrics import METHODS, Metrics
+from proxy.metrics import METHODS, UPSTREAM_REASONS, Metrics
 from tests.support.metrics import samples, value
 
 DEMO: Final = "/REST/demo/v1"
@@ -109,8 +109,14 @@ class Reference:
         self.set_routes(routes)
 
     def set_routes(self, routes: tuple[str, ...]) -> None:
-        for route in frozenset(routes) | {"unrouted"}:  # the order Metrics iterates them in
+        for route in sorted(frozenset(routes) | {"unrouted"}):  # the order Metrics makes them in
             self.duration.labels(route=route)
+            if route == "unrouted":
+                continue
+            self.retries.labels(route=route)
+            self.token_reflected.labels(route=route)
+            for reason in UPSTREAM_REASONS:
+                self.upstream_errors.labels(route=route, reason=reason)
 
     def observe_request(self, route: str, method: str, status: int, duration_s: float) -> None:
         method = method if method in METHODS else "OTHER"
