@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Coroutine, Mapping
@@ -297,7 +298,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _loop_run(coro: Coroutine[Any, Any, int]) -> int:
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return asyncio.run(coro)
-    return int(uvloop.run(coro))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+            return asyncio.run(coro)
+        return int(uvloop.run(coro))
+    finally:
+        # Lines still batched when the loop ended (its flush timer can no longer fire) go out
+        # before anything the command prints to stderr after it.
+        for handler in logging.root.handlers:
+            handler.flush()

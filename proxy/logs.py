@@ -87,6 +87,16 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def _bytes(line: str) -> int:
+    """Return the bytes ``line`` and its newline take on stderr (UTF-8).
+
+    JSON lines are ASCII (see _ENCODER): characters are bytes. Text lines may not be.
+    """
+    if line.isascii():
+        return len(line) + 1
+    return len(line.encode("utf-8", "backslashreplace")) + 1
+
+
 class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Write lines in batches: one write per 4096 bytes, or 50 ms after the first pending line.
 
@@ -123,7 +133,7 @@ class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 pass
-        size = len(line) + 1  # ASCII lines (see _ENCODER): characters are bytes
+        size = _bytes(line)
         with self.lock:  # type: ignore[union-attr]
             if loop is None:
                 self._pending.append(line)
@@ -154,11 +164,11 @@ class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         size = 0
         for line in lines:
             # A longer line goes alone.
-            if batch and size + len(line) + 1 > _ATOMIC_WRITE_BYTES:
+            if batch and size + _bytes(line) > _ATOMIC_WRITE_BYTES:
                 self._write_batch(batch)
                 batch, size = [], 0
             batch.append(line)
-            size += len(line) + 1
+            size += _bytes(line)
         if batch:
             self._write_batch(batch)
 

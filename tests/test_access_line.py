@@ -320,3 +320,17 @@ def test_lines_from_another_thread_go_out_at_once_in_order() -> None:
             ]
 
         asyncio.run(main())
+
+
+async def test_text_batches_are_cut_by_bytes_not_characters() -> None:
+    # --log-format text: lines may hold non-ASCII (a certificate subject, a file name); a batch
+    # must stay within 4096 bytes on stderr (PIPE_BUF), not 4096 characters (review finding).
+    stream = CountingStream()
+    handler = logs.LoopStreamHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    for i in range(40):
+        handler.write_line(f"line {i} " + "é" * 150)
+    handler.flush()
+    assert len(stream.writes) >= 3
+    assert all(len(w.encode("utf-8")) <= 4096 and w.endswith("\n") for w in stream.writes)
+    assert len(stream.getvalue().splitlines()) == 40
