@@ -303,8 +303,11 @@ class _ProxyRequestHandler(RequestHandler):
         super().pause_writing()
         server = server_of(self)
         if self._write_stall is None and isinstance(server, ProxyServer):
+            # The transport itself, not self.transport when the timer fires: a keep-alive close
+            # in between (aiohttp's force_close) sets that to None while the socket still waits
+            # for the caller to read before it closes.
             self._write_stall = asyncio.get_running_loop().call_later(
-                server.proxy_handler.caller_write_timeout_s, self._caller_stalled
+                server.proxy_handler.caller_write_timeout_s, self._caller_stalled, self.transport
             )
 
     def resume_writing(self) -> None:
@@ -320,11 +323,13 @@ class _ProxyRequestHandler(RequestHandler):
             self._write_stall.cancel()
             self._write_stall = None
 
-    def _caller_stalled(self) -> None:
+    def _caller_stalled(self, transport: asyncio.Transport | None) -> None:
         self._write_stall = None
         log.info("the caller stopped reading the answer; its connection is cut")
-        if self.transport is not None:
-            self.transport.abort()  # the write waiting to drain fails: the request ends as 499
+        if transport is not None:
+            # connection_lost follows: aiohttp cancels the request's handler (handler_cancellation),
+            # which ends it as 499 and frees its slot; a connection already closing is let go.
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         # aiohttp's C parser skips chunk extensions and trailers without any limit; the guard

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def client_context(
     """
     context_class = ResumingContext if resume_sessions else ssl.SSLContext
     context = context_class(ssl.PROTOCOL_TLS_CLIENT)
+    if sys.version_info >= (3, 13):
+        # What create_default_context adds since 3.13: strict RFC 5280 checks, and a ca_file
+        # holding an intermediate CA is a trust anchor.
+        context.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
     context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True

@@ -286,8 +286,7 @@ class Connection(asyncio.Protocol):
             if body is not None:
                 self._sent = False
                 self._sender = asyncio.create_task(self._send(body, chunked))
-        if not self._head_done or self._error is not None:
-            await self._wait(lambda: self._head_done)
+        await self._wait(lambda: self._head_done)
         return UpstreamResponse(self)
 
     def _sent_nothing_back(self) -> bool:

@@ -615,6 +615,22 @@ async def test_a_new_connection_resumes_the_tls_session_of_the_last_one(
     assert all(upstream.resumed[1:])
 
 
+def test_the_contexts_verify_as_create_default_context_does(
+    ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # client_context builds its contexts itself (for SSLKEYLOGFILE and resumption); it must not
+    # verify less than the standard one on any Python: 3.13 added strict X.509 flags to it.
+    monkeypatch.delenv("SSLKEYLOGFILE", raising=False)
+    standard = ssl.create_default_context(cafile=str(ca_file))
+    for resume in (False, True):
+        ours = client_context(ca_file, resume_sessions=resume)
+        assert ours.verify_flags & standard.verify_flags == standard.verify_flags
+        assert ours.verify_mode == ssl.CERT_REQUIRED and ours.check_hostname
+        assert ours.options & standard.options == standard.options
+        assert ours.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert ours.cert_store_stats()["x509_ca"] >= standard.cert_store_stats()["x509_ca"]
+
+
 def test_no_environment_variable_makes_the_contexts_log_tls_secrets(
     ca_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
