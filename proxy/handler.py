@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import traceback
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -65,6 +65,7 @@ MAX_HEADERS: Final = 100
 # of the next request with the same ones are one lookup: callers repeat a handful of each. Both
 # are bounded (emptied when full) and emptied by a reload.
 _REMEMBERED: Final = 256
+_V = TypeVar("_V")
 
 
 class ProxyHandler:
@@ -107,7 +108,7 @@ class ProxyHandler:
         self._max_body = config.listen.max_body_bytes
         # How long a caller may leave the answer unread (see _ProxyRequestHandler.pause_writing).
         self.caller_write_timeout_s = config.upstream.read_timeout_s
-        self._hosts_ok: set[str] = set()
+        self._hosts_ok: dict[str, bool] = {}
         self._routes_of: dict[str, Route] = {}
         secret = config.listen.shared_secret
         self._proxy_key = secret.reveal().encode() if secret is not None else None
@@ -209,10 +210,10 @@ class ProxyHandler:
             raise RequestRejected(
                 "Exactly one Host header is required.", status=400, reason="bad_host"
             )
-        host = headers.get("Host")
-        if host is None or host not in self._hosts_ok:
+        host = headers.get("Host", "")  # missing and empty: both refused by check_host
+        if host not in self._hosts_ok:
             check_host(host, self._config.listen, self.port)
-            _remember(self._hosts_ok, host)
+            _remember(self._hosts_ok, host, True)
         check_browser(headers)
         check_proxy_key(headers, self._proxy_key)
         check_upgrade(headers)
@@ -220,9 +221,7 @@ class ProxyHandler:
         if route is None:
             check_path(raw_path)
             route = find_route(self._config.routes, raw_path)
-            if len(self._routes_of) >= _REMEMBERED:
-                self._routes_of.clear()
-            self._routes_of[raw_path] = route
+            _remember(self._routes_of, raw_path, route)
         return route
 
     async def _continue(self, request: web.BaseRequest, max_body: int) -> None:
@@ -270,11 +269,11 @@ class ProxyHandler:
         )
 
 
-def _remember(accepted: set[str], value: str | None) -> None:
-    if value is not None:
-        if len(accepted) >= _REMEMBERED:
-            accepted.clear()
-        accepted.add(value)
+def _remember(accepted: dict[str, _V], key: str, value: _V) -> None:
+    """Remember what ``key`` was accepted as; a full memory is emptied first (``_REMEMBERED``)."""
+    if len(accepted) >= _REMEMBERED:
+        accepted.clear()
+    accepted[key] = value
 
 
 class _ProxyRequestHandler(RequestHandler):

@@ -163,12 +163,13 @@ class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         batch: list[str] = []
         size = 0
         for line in lines:
+            line_bytes = _bytes(line)
             # A longer line goes alone.
-            if batch and size + _bytes(line) > _ATOMIC_WRITE_BYTES:
+            if batch and size + line_bytes > _ATOMIC_WRITE_BYTES:
                 self._write_batch(batch)
                 batch, size = [], 0
             batch.append(line)
-            size += _bytes(line)
+            size += line_bytes
         if batch:
             self._write_batch(batch)
 

@@ -27,9 +27,13 @@ class ResumingContext(ssl.SSLContext):
 
     _MAX_SERVERS = 64
 
+    def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
+        super().__init__()  # SSLContext.__new__ took the protocol
+        self._sessions: dict[str, ssl.SSLSession] = {}
+
     def remember(self, server_hostname: str, session: ssl.SSLSession) -> None:
         """Offer ``session`` on the next connections to ``server_hostname``."""
-        sessions = self._sessions()
+        sessions = self._sessions
         if server_hostname not in sessions and len(sessions) >= self._MAX_SERVERS:
             sessions.clear()
         sessions[server_hostname] = session
@@ -43,15 +47,8 @@ class ResumingContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         if session is None and not server_side and isinstance(server_hostname, str):
-            session = self._sessions().get(server_hostname)
+            session = self._sessions.get(server_hostname)
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-
-    def _sessions(self) -> dict[str, ssl.SSLSession]:
-        # SSLContext is made by __new__ (no __init__ to extend): the dict is made on first use.
-        sessions: dict[str, ssl.SSLSession] | None = self.__dict__.get("_resume")
-        if sessions is None:
-            sessions = self.__dict__["_resume"] = {}
-        return sessions
 
 
 def client_context(

@@ -216,21 +216,12 @@ class UpstreamClient:
             conn.close()
             return
         if conn.uses == 1 and isinstance(self._ssl, ResumingContext):
-            self._remember_session(conn)
+            _remember_session(self._ssl, conn)
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         self._wake_slot()
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._idle_s, self._sweep)
-
-    def _remember_session(self, conn: Connection) -> None:
-        """Keep a new connection's TLS session, by then holding the server's ticket."""
-        transport = conn.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if isinstance(ssl_object, ssl.SSLObject) and isinstance(self._ssl, ResumingContext):
-            session = ssl_object.session
-            if session is not None:
-                self._ssl.remember(conn.key.host, session)
 
     def forget(self, conn: Connection) -> None:
         self._open.discard(conn)
@@ -345,6 +336,15 @@ class UpstreamClient:
             raise upstream_error("dns")
         self._dns[(host, port)] = (now + self._dns_ttl_s, addresses)
         return addresses
+
+
+def _remember_session(context: ResumingContext, conn: Connection) -> None:
+    """Keep a new connection's TLS session, by then holding the server's ticket."""
+    transport = conn.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    session = ssl_object.session if isinstance(ssl_object, ssl.SSLObject) else None
+    if session is not None:
+        context.remember(conn.key.host, session)
 
 
 class _Tunnel(asyncio.Protocol):
