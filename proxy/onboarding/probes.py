@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import ssl
 from collections.abc import Sequence
 from typing import Final
@@ -43,6 +42,7 @@ from proxy.onboarding.results import CheckSettings as CheckSettings
 from proxy.onboarding.results import Endpoint as Endpoint
 from proxy.onboarding.results import Status as Status
 from proxy.onboarding.results import StepResult as StepResult
+from proxy.onboarding.results import Unresolved, lookup
 from proxy.onboarding.results import close_quietly as close_quietly
 from proxy.onboarding.results import fail as fail
 from proxy.onboarding.results import skip as skip
@@ -143,22 +143,18 @@ async def _dns(e: Endpoint, settings: CheckSettings) -> StepResult:
             "; the KSZ entry points are b2b-test.ksz-bcss.fgov.be (85.91.184.96), "
             "b2b-acpt.ksz-bcss.fgov.be (85.91.184.103) and b2b.ksz-bcss.fgov.be (85.91.184.102)"
         )
-    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(settings.connect_timeout_s):
-            infos = await loop.getaddrinfo(e.host, e.port, type=socket.SOCK_STREAM)
-    except TimeoutError:
-        return fail(
-            2,
-            target,
-            f"no answer from the DNS resolver within {settings.connect_timeout_s:g} s",
-            "the DNS servers of this machine do not answer",
-            fix,
-        )
-    except (OSError, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "invalid name"
-        return fail(2, target, f"does not resolve ({reason})", "the name is unknown", fix)
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        addresses = await lookup(e.host, e.port, settings.connect_timeout_s)
+    except Unresolved as exc:
+        if exc.reason is None:
+            return fail(
+                2,
+                target,
+                f"no answer from the DNS resolver within {settings.connect_timeout_s:g} s",
+                "the DNS servers of this machine do not answer",
+                fix,
+            )
+        return fail(2, target, f"does not resolve ({exc.reason})", "the name is unknown", fix)
     return StepResult(
         number=2, target=target, status="ok", detail="resolves to " + ", ".join(addresses)
     )

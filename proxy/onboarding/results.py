@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -117,3 +118,26 @@ async def close_quietly(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(1.0):
             await writer.wait_closed()
+
+
+class Unresolved(Exception):
+    """A name that did not resolve: ``reason`` is the resolver's, None when it did not answer."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def lookup(host: str, port: int, timeout_s: float) -> list[str]:
+    """Return the distinct addresses ``host`` resolves to, in order; raise ``Unresolved``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+    except TimeoutError:
+        raise Unresolved(None) from None
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "invalid name"
+        raise Unresolved(reason) from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))

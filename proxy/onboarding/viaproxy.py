@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 
 from proxy.egress import PROXY_AUTH_FIX, ProxyServer
 from proxy.onboarding.results import (
@@ -17,8 +16,10 @@ from proxy.onboarding.results import (
     CheckSettings,
     Endpoint,
     StepResult,
+    Unresolved,
     close_quietly,
     fail,
+    lookup,
 )
 from proxy.onboarding.tunnel import ProxyProtocolError, TunnelRefused, open_tunnel
 
@@ -34,33 +35,30 @@ async def dns_of_proxy(e: Endpoint, proxy: ProxyServer, settings: CheckSettings)
         return StepResult(
             number=2, target=target, status="ok", detail=f"{e.via}: the proxy resolves the name"
         )
-    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(settings.connect_timeout_s):
-            infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
-    except TimeoutError:
+        addresses = await lookup(proxy.host, proxy.port, settings.connect_timeout_s)
+    except Unresolved as exc:
+        if exc.reason is None:
+            return fail(
+                2,
+                target,
+                f"{e.via}: no answer from the DNS resolver for the proxy's name",
+                "the DNS servers of this machine do not answer",
+                fix,
+            )
         return fail(
             2,
             target,
-            f"{e.via}: no answer from the DNS resolver for the proxy's name",
-            "the DNS servers of this machine do not answer",
-            fix,
-        )
-    except (OSError, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "invalid name"
-        return fail(
-            2,
-            target,
-            f"{e.via}: the proxy's name {proxy.host} does not resolve ({reason})",
+            f"{e.via}: the proxy's name {proxy.host} does not resolve ({exc.reason})",
             "the forward proxy's name is unknown here",
             fix,
         )
-    addresses = ", ".join(dict.fromkeys(str(info[4][0]) for info in infos))
     return StepResult(
         number=2,
         target=target,
         status="ok",
-        detail=f"{e.via} ({proxy.host} resolves to {addresses}); the proxy resolves {e.host}",
+        detail=f"{e.via} ({proxy.host} resolves to {', '.join(addresses)}); "
+        f"the proxy resolves {e.host}",
     )
 
 
