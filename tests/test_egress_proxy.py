@@ -509,6 +509,29 @@ async def test_check_steps_report_the_route_through_the_proxy(
     assert_no_proxy_secret(text)
 
 
+async def test_check_resolves_the_proxys_name_when_it_is_one(
+    tinyproxy: TinyFactory,
+    password_file: Path,
+    authserver: AuthServerHandle,
+    fake_upstream: UpstreamHandle,
+    partner_files: PartnerFiles,
+    ca_file: Path,
+) -> None:
+    # "localhost" comes from /etc/hosts: step 2 looks the proxy's name up, not the destination's.
+    async with tinyproxy() as forward:
+        egress = egress_table(forward, password_file)
+        egress["proxy_url"] = f"http://localhost:{forward.port}"
+        path = check_config(
+            password_file.parent, authserver, fake_upstream, partner_files, ca_file, egress
+        )
+        report = await checklist.run_checks(path, {})
+    text = rendered(report)
+    dns = [r for r in report.results if r.name == "dns"]
+    assert len(dns) == 2 and all(r.status == "ok" for r in dns), text
+    assert all("(localhost resolves to " in r.detail for r in dns), text
+    assert all("the proxy resolves 127.0.0.1" in r.detail for r in dns), text
+
+
 async def test_check_says_the_proxy_refused_the_credentials(
     tinyproxy: TinyFactory,
     tmp_path: Path,
