@@ -57,10 +57,14 @@ def port_of(url: str) -> int:
 
 @pytest.fixture
 def password_file(tmp_path: Path) -> Path:
-    path = tmp_path / "proxy.password"
+    return write_secret(tmp_path / "proxy.password", PROXY_PASSWORD)
+
+
+def write_secret(path: Path, secret: str) -> Path:
+    """Write ``secret`` as a password file of mode 0600, as an operator would."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(PROXY_PASSWORD + "\n")
+        fh.write(secret + "\n")
     return path
 
 
@@ -291,10 +295,7 @@ async def test_wrong_proxy_password_is_token_proxy_auth(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    wrong = tmp_path / "wrong.password"
-    fd = os.open(wrong, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(PROXY_PASSWORD + "-wrong\n")
+    wrong = write_secret(tmp_path / "wrong.password", PROXY_PASSWORD + "-wrong")
     async with tinyproxy() as forward:
         chain = await make_chain(ready=False, egress=egress_table(forward, wrong))
         async with asyncio.timeout(10):
@@ -443,29 +444,36 @@ async def call_once(config: Config) -> None:
 # -- check and token ------------------------------------------------------------------------------
 
 
+CheckConfig = Callable[..., Path]
+
+
+@pytest.fixture
 def check_config(
     tmp_path: Path,
-    auth: AuthServerHandle,
-    upstream: UpstreamHandle,
-    files: PartnerFiles,
+    authserver: AuthServerHandle,
+    fake_upstream: UpstreamHandle,
+    partner_files: PartnerFiles,
     ca_file: Path,
-    egress: dict[str, Any],
-    upstream_url: str | None = None,
-) -> Path:
-    return write_toml(
-        tmp_path / "ksz-proxy.toml",
-        {
-            "client": {
-                "id": CLIENT_ID,
-                "pkcs12": str(files.pkcs12),
-                "password_file": str(files.password_file),
+) -> CheckConfig:
+    """Return ``write(egress, upstream_url=None)``: a config for ``check`` against the fakes."""
+
+    def write(egress: dict[str, Any], upstream_url: str | None = None) -> Path:
+        return write_toml(
+            tmp_path / "ksz-proxy.toml",
+            {
+                "client": {
+                    "id": CLIENT_ID,
+                    "pkcs12": str(partner_files.pkcs12),
+                    "password_file": str(partner_files.password_file),
+                },
+                "oauth": {"token_url": authserver.token_url, "ca_file": str(ca_file)},
+                "upstream": {"url": upstream_url or fake_upstream.url, "ca_file": str(ca_file)},
+                "egress": egress,
+                "routes": [{"prefix": DEMO, "scopes": ["scope:demo:consult"]}],
             },
-            "oauth": {"token_url": auth.token_url, "ca_file": str(ca_file)},
-            "upstream": {"url": upstream_url or upstream.url, "ca_file": str(ca_file)},
-            "egress": egress,
-            "routes": [{"prefix": DEMO, "scopes": ["scope:demo:consult"]}],
-        },
-    )
+        )
+
+    return write
 
 
 def rendered(report: checklist.Report) -> str:
@@ -477,20 +485,12 @@ def rendered(report: checklist.Report) -> str:
 async def test_check_steps_report_the_route_through_the_proxy(
     tinyproxy: TinyFactory,
     password_file: Path,
+    check_config: CheckConfig,
     authserver: AuthServerHandle,
     fake_upstream: UpstreamHandle,
-    partner_files: PartnerFiles,
-    ca_file: Path,
 ) -> None:
     async with tinyproxy() as forward:
-        path = check_config(
-            tmp_path=password_file.parent,
-            auth=authserver,
-            upstream=fake_upstream,
-            files=partner_files,
-            ca_file=ca_file,
-            egress=egress_table(forward, password_file),
-        )
+        path = check_config(egress_table(forward, password_file))
         report = await checklist.run_checks(path, {})
         connects = forward.connects()
     text = rendered(report)
@@ -510,20 +510,13 @@ async def test_check_steps_report_the_route_through_the_proxy(
 
 
 async def test_check_resolves_the_proxys_name_when_it_is_one(
-    tinyproxy: TinyFactory,
-    password_file: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    partner_files: PartnerFiles,
-    ca_file: Path,
+    tinyproxy: TinyFactory, password_file: Path, check_config: CheckConfig
 ) -> None:
     # "localhost" comes from /etc/hosts: step 2 looks the proxy's name up, not the destination's.
     async with tinyproxy() as forward:
         egress = egress_table(forward, password_file)
         egress["proxy_url"] = f"http://localhost:{forward.port}"
-        path = check_config(
-            password_file.parent, authserver, fake_upstream, partner_files, ca_file, egress
-        )
+        path = check_config(egress)
         report = await checklist.run_checks(path, {})
     text = rendered(report)
     dns = [r for r in report.results if r.name == "dns"]
@@ -533,20 +526,11 @@ async def test_check_resolves_the_proxys_name_when_it_is_one(
 
 
 async def test_check_says_the_proxy_refused_the_credentials(
-    tinyproxy: TinyFactory,
-    tmp_path: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    partner_files: PartnerFiles,
-    ca_file: Path,
+    tinyproxy: TinyFactory, tmp_path: Path, check_config: CheckConfig
 ) -> None:
-    wrong = tmp_path / "wrong.password"
-    fd = os.open(wrong, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("not-" + PROXY_PASSWORD + "\n")
+    wrong = write_secret(tmp_path / "wrong.password", "not-" + PROXY_PASSWORD)
     async with tinyproxy() as forward:
-        egress = egress_table(forward, wrong)
-        path = check_config(tmp_path, authserver, fake_upstream, partner_files, ca_file, egress)
+        path = check_config(egress_table(forward, wrong))
         async with asyncio.timeout(30):
             report = await checklist.run_checks(path, {})
     text = rendered(report)
@@ -600,23 +584,11 @@ def chain_with_egress(config: Config, egress: dict[str, Any]) -> Config:
 
 
 async def test_check_names_tls_inspection_when_the_destination_is_untrusted_via_proxy(
-    tinyproxy: TinyFactory,
-    password_file: Path,
-    authserver: AuthServerHandle,
-    fake_upstream: UpstreamHandle,
-    partner_files: PartnerFiles,
-    ca_file: Path,
+    tinyproxy: TinyFactory, password_file: Path, check_config: CheckConfig, ca_file: Path
 ) -> None:
     # What a TLS-inspecting proxy looks like from here: a certificate no configured CA vouches for.
     async with tinyproxy() as forward:
-        path = check_config(
-            password_file.parent,
-            authserver,
-            fake_upstream,
-            partner_files,
-            ca_file,
-            egress_table(forward, password_file),
-        )
+        path = check_config(egress_table(forward, password_file))
         text = path.read_text(encoding="utf-8")
         path.write_text(text.replace(f'ca_file = "{ca_file}"\n[upstream]', "[upstream]"))
         report = await checklist.run_checks(path, {})
@@ -632,18 +604,11 @@ async def test_check_names_tls_inspection_when_the_destination_is_untrusted_via_
 async def test_check_says_why_a_destination_is_reached_directly(
     tinyproxy: TinyFactory,
     password_file: Path,
-    authserver: AuthServerHandle,
+    check_config: CheckConfig,
     fake_upstream: UpstreamHandle,
-    partner_files: PartnerFiles,
-    ca_file: Path,
 ) -> None:
     async with tinyproxy() as forward:
         path = check_config(
-            password_file.parent,
-            authserver,
-            fake_upstream,
-            partner_files,
-            ca_file,
             egress_table(forward, password_file, no_proxy=["localhost"]),
             upstream_url=fake_upstream.url.replace("127.0.0.1", "localhost"),
         )
