@@ -8,9 +8,10 @@ as in real life where neither has anything to do with the other.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,13 @@ async def authserver(
         )
     finally:
         await served.close()
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """Put the root logger's handlers and level back after a test that ran ``main()``."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -15,19 +15,16 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import socket
 import ssl
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from queue import Queue
 from typing import Any, TypeVar
 
 import jwt
@@ -54,8 +51,12 @@ from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.serve import serve
 from proxy.secret import read_secret_file
 from tests.support.config import changed, write_toml
+from tests.support.ownloop import OnOwnLoop, on_own_loop
 from tests.support.partner import PKCS12_PASSWORD, PartnerFiles
 from tests.support.process import free_port
+
+# main() points the root logger at the stderr of the moment (capsys's); it is put back.
+pytestmark = pytest.mark.usefixtures("keep_logging")
 
 T = TypeVar("T")
 API = demo.API
@@ -86,12 +87,10 @@ def _health_app() -> web.Application:
     return app
 
 
-@dataclass(slots=True)
-class Fakes:
+@dataclass(slots=True, kw_only=True)
+class Fakes(OnOwnLoop):
     """The fakes running in the background thread, and what a config needs to reach them."""
 
-    loop: asyncio.AbstractEventLoop
-    stop: asyncio.Event
     box: Sandbox
     health_url: str  # answers /REST/<down|degraded|forbidden|absent>/v1/health
     mtls_url: str  # the same, but demands the partner certificate
@@ -100,14 +99,6 @@ class Fakes:
     @property
     def folder(self) -> Path:
         return self.box.config_path.parent
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the fakes' loop (they are not thread-safe) and return its result."""
-
-        async def run() -> T:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
 
     def issued_tokens(self) -> list[str]:
         return self.call(lambda: list(self.box.auth.issued))
@@ -133,10 +124,9 @@ class Fakes:
 def fakes(
     server_ssl: ssl.SSLContext, tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fakes]:
-    started: Queue[Fakes | BaseException] = Queue()
     bundle = tmp_path_factory.mktemp("cli-tls") / "ca-bundle.pem"
 
-    async def run() -> None:
+    async def run(ready: Callable[[Fakes], None]) -> None:
         stop = asyncio.Event()
         async with running_sandbox(port=0, admin_port=0) as box:
             folder = box.config_path.parent
@@ -154,7 +144,7 @@ def fakes(
             health = await serve(_health_app(), ssl_context=server_ssl)
             mutual = await serve(_health_app(), ssl_context=mtls)
             try:
-                started.put(
+                ready(
                     Fakes(
                         loop=asyncio.get_running_loop(),
                         stop=stop,
@@ -169,30 +159,7 @@ def fakes(
                 await mutual.close()
                 await health.close()
 
-    def thread_main() -> None:
-        try:
-            asyncio.run(run())
-        except BaseException as exc:  # reported to the fixture, which raises it
-            started.put(exc)
-
-    thread = threading.Thread(target=thread_main, name="cli-fakes", daemon=True)
-    thread.start()
-    item = started.get(timeout=30)
-    if isinstance(item, BaseException):
-        raise item
-    yield item
-    item.loop.call_soon_threadsafe(item.stop.set)
-    thread.join(timeout=20)
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    # main() points the root logger at the stderr of the moment (capsys's); put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    yield from on_own_loop("cli-fakes", run)
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -13,6 +11,9 @@ import pytest
 from proxy.cli import main
 from proxy.config import ClientConfig, Config, Secret, default_client, load_config
 from proxy.errors import ConfigError
+
+# main() points the root logger at the stderr of the moment (capsys's); it is put back.
+pytestmark = pytest.mark.usefixtures("keep_logging")
 
 CANARY: Final = "canary-Daas-Pa55phrase-71c0"  # must never show up in an error message
 
@@ -47,16 +48,6 @@ DAAS_ROUTE: Final = """
 prefix = "/REST/daas/v1"
 client = "daas"
 """
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    # main() points the root logger at the stderr of the moment (capsys's); put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def write(path: Path, text: str, mode: int = 0o600) -> Path:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 from typing import Final, TypeVar
 
 import pytest
@@ -20,6 +17,10 @@ from proxy.sandbox.authserver import FakeAuthServer, RegisteredClient
 from proxy.sandbox.pki import CertificateAuthority, Issued
 from proxy.sandbox.serve import serve
 from proxy.sandbox.upstream import FakeUpstream
+from tests.support.ownloop import OnOwnLoop, on_own_loop
+
+# main() points the root logger at the stderr of the moment (capsys's); it is put back.
+pytestmark = pytest.mark.usefixtures("keep_logging")
 
 DEFAULT_ID: Final = "other:consult:client:confidential"
 DAAS_ID: Final = "other:daas:client:confidential"
@@ -29,24 +30,14 @@ PASSWORD: Final = "canary-Onboarding-Pa55-93f1"
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class Fakes:
-    loop: asyncio.AbstractEventLoop
-    stop: asyncio.Event
+@dataclass(slots=True, kw_only=True)
+class Fakes(OnOwnLoop):
     auth: FakeAuthServer
     token_url: str
     upstream: FakeUpstream
     upstream_url: str
     rsa: Issued
     ec: Issued
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the fakes' loop (they are not thread-safe) and return its result."""
-
-        async def run() -> T:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
 
     def call_seen(self) -> list[tuple[str, str | None]]:
         return self.call(self.upstream.clients_seen)
@@ -57,9 +48,8 @@ def fakes(server_ssl: ssl.SSLContext) -> Iterator[Fakes]:
     """Run the fakes on a loop of their own: the commands run theirs with asyncio.run."""
     ca = CertificateAuthority("Onboarding Clients CA")
     rsa, ec = ca.issue_client("consult"), ca.issue_client("daas", key_type="ec")
-    started: Queue[Fakes | BaseException] = Queue()
 
-    async def run() -> None:
+    async def run(ready: Callable[[Fakes], None]) -> None:
         auth = FakeAuthServer(
             clients=[
                 RegisteredClient(
@@ -79,7 +69,7 @@ def fakes(server_ssl: ssl.SSLContext) -> Iterator[Fakes]:
         upstream_served = await serve(upstream.make_app(), ssl_context=server_ssl)
         stop = asyncio.Event()
         try:
-            started.put(
+            ready(
                 Fakes(
                     loop=asyncio.get_running_loop(),
                     stop=stop,
@@ -96,30 +86,7 @@ def fakes(server_ssl: ssl.SSLContext) -> Iterator[Fakes]:
             await upstream_served.close()
             await auth_served.close()
 
-    def thread_main() -> None:
-        try:
-            asyncio.run(run())
-        except BaseException as exc:  # reported to the fixture, which raises it
-            started.put(exc)
-
-    thread = threading.Thread(target=thread_main, name="clients-fakes", daemon=True)
-    thread.start()
-    item = started.get(timeout=30)
-    if isinstance(item, BaseException):
-        raise item
-    yield item
-    item.loop.call_soon_threadsafe(item.stop.set)
-    thread.join(timeout=20)
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    # main() points the root logger at the stderr of the moment (capsys's); put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    yield from on_own_loop("clients-fakes", run)
 
 
 def write_config(
