@@ -29,11 +29,11 @@ class ResumingContext(ssl.SSLContext):
 
     def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
         super().__init__()  # SSLContext.__new__ took the protocol
-        self._sessions: dict[str, ssl.SSLSession] = {}
+        self._by_server: dict[str, ssl.SSLSession] = {}
 
     def remember(self, server_hostname: str, session: ssl.SSLSession) -> None:
         """Offer ``session`` on the next connections to ``server_hostname``."""
-        sessions = self._sessions
+        sessions = self._by_server
         if server_hostname not in sessions and len(sessions) >= self._MAX_SERVERS:
             sessions.clear()
         sessions[server_hostname] = session
@@ -47,7 +47,7 @@ class ResumingContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         if session is None and not server_side and isinstance(server_hostname, str):
-            session = self._sessions.get(server_hostname)
+            session = self._by_server.get(server_hostname)
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
